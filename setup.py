@@ -1,0 +1,104 @@
+"""numa-llama: a drop-in llama_cpp built with the GGML_CPU_NUMA patch series.
+
+``pip install .`` (or ``python setup.py build``):
+
+1. fetches and verifies the pinned llama-cpp-python sdist into ``vendor/``
+   (``build/upstream.py``; a no-op when it is there);
+2. applies both patch series (``build/series.py``; a no-op when applied);
+3. compiles the patched llama.cpp once, through the bindings' own CMake project,
+   in the persistent build directory ``_build/cmake`` (``build/compile.py``);
+   an unchanged rebuild only asks ninja, which finds nothing to do;
+4. packages ``llama_cpp`` (the patched bindings) with the libraries in
+   ``llama_cpp/lib``, and ``numa_llama``.
+
+Environment: ``CMAKE_ARGS`` (appended to ours, as llama-cpp-python does),
+``NUMA_LLAMA_CPU_VARIANTS`` (which ggml CPU variants to build), ``NUMA_LLAMA_BUILD_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "build"))
+
+import compile as native  # noqa: E402
+import sync  # noqa: E402
+from upstream import Pin  # noqa: E402
+
+BINDINGS = "vendor/llama-cpp-python"
+
+
+def log(msg: str) -> None:
+    # pip hides a build's stdout unless -v; stderr reaches the terminal with -v too.
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare() -> None:
+    """fetch + apply. Cheap when done; needed before setuptools looks for packages."""
+    try:
+        sync.prepare(log=log)
+    except Exception as e:  # FetchError, SeriesError: one clear message, no traceback
+        log(f"numa-llama: cannot prepare the patched tree: {e}")
+        raise SystemExit(1) from None
+
+
+class BuildNative(build_py):
+    """build_py that first compiles the patched llama.cpp and ships its libraries."""
+
+    def run(self) -> None:
+        prepare()
+        build_dir = Path(os.environ.get("NUMA_LLAMA_BUILD_DIR", ROOT / "_build" / "cmake"))
+        log(f"numa-llama: [1/3] compiling the patched llama.cpp in {build_dir}")
+        t0 = time.monotonic()
+        try:
+            result = native.build(ROOT / BINDINGS, build_dir, log=log)
+            log(f"numa-llama: [2/3] compiled in {time.monotonic() - t0:.0f} s; checking the library loads here")
+            lib_stage = build_dir.parent / "lib"
+            native.install_libs(result.libs, lib_stage)
+            info_line = native.smoke_test(lib_stage)
+        except native.BuildError as e:
+            log(f"numa-llama: build failed: {e}")
+            raise SystemExit(1) from None
+        log(f"numa-llama: {info_line}")
+        self._write_build_info(result)
+        super().run()
+        log("numa-llama: [3/3] packaging llama_cpp (patched) and numa_llama")
+        native.install_libs(result.libs, Path(self.build_lib) / "llama_cpp" / "lib")
+
+    def _write_build_info(self, result: native.BuildResult) -> None:
+        series = {s.patch_dir.name: [p.name for p in s.patches()] for s in sync.all_series()}
+        info = {
+            "pin": Pin.load().as_dict(),
+            "patches": series,
+            "cpu_variants": result.variants,
+            "cmake_args": result.cmake_args,
+        }
+        (ROOT / "numa_llama" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class BinaryDistribution(Distribution):
+    """The wheel carries native libraries: tag it for this platform."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+prepare()
+(ROOT / "_build").mkdir(exist_ok=True)  # setup.cfg: setuptools' scratch lives here
+
+setup(
+    distclass=BinaryDistribution,
+    packages=["numa_llama", "llama_cpp", "llama_cpp.server"],
+    package_dir={"llama_cpp": f"{BINDINGS}/llama_cpp"},
+    package_data={"numa_llama": ["_build_info.json", "py.typed"], "llama_cpp": ["py.typed"]},
+    cmdclass={"build_py": BuildNative},
+)
