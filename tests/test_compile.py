@@ -44,3 +44,29 @@ def test_cmake_args_override_last() -> None:
     assert "-DGGML_CPU_NUMA=ON" in args and "-DGGML_BACKEND_DL=ON" in args
     assert args[-2:] == ["-DGGML_OPENMP=OFF", "-DGGML_SSE42=OFF"]
     assert args.index("-DGGML_SSE42=ON") < args.index("-DGGML_SSE42=OFF")
+
+
+def test_each_built_variant_runs_the_model(tmp_path: Path, model_path: Path) -> None:
+    """Every shipped CPU variant (sse42 is the one the TCG guest will pick) loads and generates here."""
+    import shutil
+
+    from conftest import run_json
+
+    info = numa_llama.build_info()
+    texts = {}
+    for name in info.cpu_variants_built:
+        libdir = tmp_path / name
+        shutil.copytree(info.library_dir, libdir, symlinks=True)
+        for other in libdir.glob("libggml-cpu-*.so"):
+            if other.name != f"libggml-cpu-{name}.so":
+                other.unlink()
+        out = run_json(f"""
+import json, numa_llama
+from llama_cpp import Llama
+llm = Llama({str(model_path)!r}, n_ctx=128, verbose=False)
+text = llm.create_completion("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+print(json.dumps({{"loaded": numa_llama.build_info().cpu_backend_loaded, "text": text}}))
+""", env={"LLAMA_CPP_LIB_PATH": str(libdir)})
+        assert out["loaded"] == f"libggml-cpu-{name}.so"
+        texts[name] = out["text"]
+    assert all(t.strip() for t in texts.values()), texts

@@ -40,7 +40,7 @@ def test_llama_accepts(model_path, value, expected) -> None:
 from llama_cpp import Llama
 llm = Llama({str(model_path)!r}, numa={value!r}, n_ctx=128, verbose=False)
 text = llm.create_completion("Hello", max_tokens=2, temperature=0.0)["choices"][0]["text"]
-print(json.dumps({{"numa": llm.numa, "text": text}}))
+print(__import__("json").dumps({{"numa": llm.numa, "text": text}}))
 """)
     assert out["numa"] == expected
     assert out["text"]
