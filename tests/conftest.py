@@ -18,6 +18,34 @@ settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("expensive", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+if os.environ.get("NUMA_VM"):  # in a guest the checkout is read-only: no example database
+    settings.register_profile("guest", parent=settings.get_profile(settings._current_profile), database=None)
+    settings.load_profile("guest")
+
+
+def numa_nodes() -> int:
+    return len(list(Path("/sys/devices/system/node").glob("node[0-9]*")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a one-node host the numa_guest tests are not skipped: `tox -e numa` runs them in guests."""
+    if numa_nodes() >= 2:
+        return
+    guest_only = [item for item in items if item.get_closest_marker("numa_guest")]
+    if guest_only:
+        config.hook.pytest_deselected(items=guest_only)
+        items[:] = [item for item in items if not item.get_closest_marker("numa_guest")]
+        config.stash[_DESELECTED] = len(guest_only)
+
+
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    n = config.stash.get(_DESELECTED, 0)
+    if n:
+        terminalreporter.write_line(f"{n} numa_guest test(s) need several NUMA nodes and were left to "
+                                    "`tox -e numa`, which runs them in 2- and 4-node QEMU guests")
 
 
 @pytest.fixture(scope="session")
