@@ -167,8 +167,15 @@ class Topology:
 # -- the parts -----------------------------------------------------------------
 
 
+def _static(path: str) -> bool:
+    """True for a statically linked executable (the initramfs has no C library)."""
+    proc = subprocess.run(["ldd", path], capture_output=True, text=True)
+    return proc.returncode != 0 and "not a dynamic executable" in (proc.stdout + proc.stderr)
+
+
 def ensure_host_packages() -> None:
-    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items() if not shutil.which(tool)})
+    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items()
+                      if not shutil.which(tool) or (tool == "busybox" and not _static(shutil.which(tool)))})
     if not missing:
         return
     if os.geteuid() != 0:
