@@ -42,9 +42,20 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+AS_IS = os.environ.get("NUMA_LLAMA_BUILD_VENDOR_AS_IS") == "1"
+
+
 def prepare() -> None:
-    """fetch + apply. Cheap when done; needed before setuptools looks for packages."""
+    """fetch + apply. Cheap when done; needed before setuptools looks for packages.
+
+    NUMA_LLAMA_BUILD_VENDOR_AS_IS=1 builds the vendor trees as they are (for
+    work in progress on the series); build_info() then lists their commits.
+    """
     try:
+        if AS_IS:
+            sync.fetch(sync.VENDOR, Pin.load(), log=log)
+            log("numa-llama: NUMA_LLAMA_BUILD_VENDOR_AS_IS=1: building vendor/ as it is, not the committed series")
+            return
         sync.prepare(log=log)
     except Exception as e:  # FetchError, SeriesError: one clear message, no traceback
         log(f"numa-llama: cannot prepare the patched tree: {e}")
@@ -75,7 +86,11 @@ class BuildNative(build_py):
         native.install_libs(result.libs, Path(self.build_lib) / "llama_cpp" / "lib")
 
     def _write_build_info(self, result: native.BuildResult) -> None:
-        series = {s.patch_dir.name: [p.name for p in s.patches()] for s in sync.all_series()}
+        if AS_IS:
+            series = {s.patch_dir.name: s.commits() + (["(uncommitted changes)"] if s.dirty() else [])
+                      for s in sync.all_series()}
+        else:
+            series = {s.patch_dir.name: [p.name for p in s.patches()] for s in sync.all_series()}
         info = {
             "pin": Pin.load().as_dict(),
             "patches": series,

@@ -173,6 +173,14 @@ class Series:
     def _dirty(self) -> str:
         return git(self.tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
 
+    def dirty(self) -> bool:
+        return bool(self._dirty())
+
+    def commits(self) -> list[str]:
+        """Subjects of the tree's commits over the pin, oldest first."""
+        out = git(self.tree, "log", "--reverse", "--format=%s", f"{BASE_TAG}..HEAD").stdout
+        return out.splitlines()
+
     def is_applied(self) -> bool:
         state = self._state()
         return (

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from series import Series, SeriesError  # noqa: E402
-from upstream import ROOT, FetchError, Pin, fetch  # noqa: E402
+from upstream import ROOT, FetchError, Pin, fetch  # noqa: E402, F401 (fetch: setup.py)
 
 VENDOR = ROOT / "vendor"
 NAMES = ("llama.cpp", "llama-cpp-python")

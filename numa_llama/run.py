@@ -37,9 +37,15 @@ def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None
     if len(nodes) < 2:
         return f"numa={name}; {where}: a single node, so threads were not pinned and no page had to move"
     if strategy == llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_MIGRATE:
+        from numa_llama import hooks  # noqa: PLC0415
+
+        st = hooks.stats()
+        failed = ", ".join(f"{k.removeprefix('failed_')} {v}" for k, v in st.items() if k.startswith("failed_") and v)
         return (
-            f"numa=migrate; {where}: {threads} threads pinned to nodes in contiguous blocks; "
-            "this build does not migrate weight pages yet"
+            f"numa=migrate; {where}: {threads} threads pinned in contiguous blocks per node; "
+            f"{st['tensors']} weights placed: of {st['pages']} pages {st['pages_in_place']} were in place, "
+            f"{st['pages_moved']} moved, {st['pages_failed']} failed{f' ({failed})' if failed else ''}, "
+            f"{st['pages_boundary']} on slab boundaries (matrix products are not node-local yet)"
         )
     return f"numa={name}; {where}: llama.cpp's stock {name} strategy"
 

@@ -1,0 +1,126 @@
+"""--numa migrate on a multi-node kernel: pages are where the plan says, per the kernel; results unchanged.
+
+Each case runs in its own process (llama.cpp initialises NUMA once per process). The
+kernel's move_pages query is the oracle; the series' own counts are checked against it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_json
+
+pytestmark = [pytest.mark.numa_guest, pytest.mark.model]
+
+PLACE = """
+import json
+from collections import Counter
+from llama_cpp import Llama
+from numa_llama import hooks
+llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=64, use_mmap={mmap}, verbose=False)
+text = llm.create_completion("Paris is", max_tokens=1, temperature=0.0)["choices"][0]["text"]
+on_plan = off_plan = 0
+off = Counter()
+for p in hooks.placements():
+    for node, pages in p.slab_pages():
+        for got in hooks.page_nodes(pages):
+            if got == node:
+                on_plan += 1
+            else:
+                off_plan += 1
+                off[(p.name, node, got)] += 1
+print(json.dumps({{"text": text, "stats": hooks.stats(), "on_plan": on_plan, "off_plan": off_plan,
+                  "off": [list(k) + [v] for k, v in off.most_common(5)], "layout": hooks.layout({threads}),
+                  "tensors": len(hooks.placements())}}))
+"""
+
+
+def nodes_with_cpus() -> list[int]:
+    root = Path("/sys/devices/system/node")
+    return sorted(int(d.name[4:]) for d in root.glob("node[0-9]*") if (d / "cpulist").read_text().strip())
+
+
+def place(model_path: Path, threads: int, use_mmap: bool) -> dict:
+    return run_json(PLACE.format(model=str(model_path), threads=threads, mmap=use_mmap))
+
+
+@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "no-mmap"])
+@pytest.mark.parametrize("per_node", [1, 2], ids=["1-thread-per-node", "2-threads-per-node"])
+def test_pages_are_where_the_plan_says(model_path: Path, use_mmap: bool, per_node: int) -> None:
+    """After placement the kernel reports every page of node k's slab on node k; the counts add up."""
+    nodes = nodes_with_cpus()
+    out = place(model_path, per_node * len(nodes), use_mmap)
+    st = out["stats"]
+    assert out["text"].strip()
+    assert sorted(set(out["layout"])) == nodes  # every node computes (more threads than CPUs is fine)
+    assert out["tensors"] == st["tensors"] >= 100  # gemma-3-270m multiplies by 127 weights
+    assert out["off_plan"] == 0, out["off"]
+    assert out["on_plan"] > 0
+    assert st["pages"] == st["pages_in_place"] + st["pages_moved"] + st["pages_failed"] + st["pages_boundary"]
+    assert st["pages_failed"] == 0
+    assert st["pages_moved"] <= st["pages"]  # pages moved / weight pages <= 1.0
+    assert out["on_plan"] == st["pages_in_place"] + st["pages_moved"]
+
+
+LOGITS = """
+import json, hashlib
+import numpy as np
+from llama_cpp import Llama
+from pydoc_data.topics import topics
+llm = Llama({model!r}, numa={numa!r}, n_threads={threads}, n_ctx=128, use_mmap={mmap}, logits_all=True, verbose=False)
+tokens = llm.tokenize(topics["assert"][:300].encode())[:24]
+llm.eval(tokens)
+scores = np.ascontiguousarray(llm.scores[: len(tokens)], dtype=np.float32)
+print(json.dumps({{"n": len(tokens), "sha256": hashlib.sha256(scores.tobytes()).hexdigest()}}))
+"""
+
+
+@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "no-mmap"])
+def test_logits_are_bitwise_those_of_numa_off(model_path: Path, use_mmap: bool) -> None:
+    """Placement moves pages, never values: every logit of a prose prompt is bitwise the same."""
+    threads = len(nodes_with_cpus())
+    off, migrate = (run_json(LOGITS.format(model=str(model_path), numa=numa, threads=threads, mmap=use_mmap))
+                    for numa in (False, "migrate"))
+    assert off["n"] == migrate["n"] == 24
+    assert off["sha256"] == migrate["sha256"]
+
+
+HOLDER = """
+import ctypes, mmap, os, sys
+f = open({model!r}, "rb")
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+size = os.fstat(f.fileno()).st_size
+p = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+n = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+pages = (ctypes.c_void_p * n)(*[p + i * mmap.PAGESIZE for i in range(n)])
+for i in range(n):
+    ctypes.c_char.from_address(pages[i]).value  # fault in: now this process maps every page
+nodes = (ctypes.c_int * n)(*([0] * n))  # all on node 0 while no one else maps them
+status = (ctypes.c_int * n)()
+assert libc.syscall(279, 0, ctypes.c_ulong(n), pages, nodes, status, 0) == 0, ctypes.get_errno()
+print("mapped", sum(1 for s in status if s == 0), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pages_shared_with_another_process_are_counted_not_fatal(model_path: Path) -> None:
+    """A second process mapping the same GGUF makes its pages unmovable (EACCES): counted, and the model runs."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(model=str(model_path))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        word, on_node0 = holder.stdout.readline().split()
+        assert word == "mapped" and int(on_node0) > 0
+        out = place(model_path, len(nodes_with_cpus()), True)
+    finally:
+        holder.communicate("", timeout=60)
+    st = out["stats"]
+    assert out["text"].strip()
+    assert st["failed_eacces"] > 0 and st["pages_failed"] == st["failed_eacces"]
+    assert st["pages"] == st["pages_in_place"] + st["pages_moved"] + st["pages_failed"] + st["pages_boundary"]
+    assert st["pages_moved"] == 0  # every page that had to move is shared with the holder
