@@ -142,3 +142,28 @@ def page_nodes(addresses: Sequence[int]) -> list[int]:
         err = ctypes.get_errno()
         raise OSError(err, f"move_pages (query of {n} pages): {os.strerror(err)}")
     return list(status)
+
+
+def slab_locality() -> dict[int, float]:
+    """Per node: the fraction of the bytes of its slabs (all placed weights) that the kernel reports on it.
+
+    Where the kernels follow the split plan (the generic ``mul_mat`` path as of
+    patch 0004: each node's threads multiply only its slab's rows), this is the
+    fraction of matmul weight bytes that node's threads read from their own
+    node. Pages are asked of the kernel, not taken from the series' counts.
+    """
+    base_page = os.sysconf("SC_PAGESIZE")
+    local: dict[int, int] = {}
+    total: dict[int, int] = {}
+    for p in placements():
+        for e in range(p.n_matrices):
+            base = p.data + e * p.matrix_bytes
+            for s in p.slabs:
+                lo, hi = base + s.row_begin * p.row_bytes, base + s.row_end * p.row_bytes
+                pages = list(range(lo // base_page * base_page, hi, base_page))
+                for addr, node in zip(pages, page_nodes(pages), strict=True):
+                    nbytes = min(hi, addr + base_page) - max(lo, addr)
+                    total[s.node] = total.get(s.node, 0) + nbytes
+                    if node == s.node:
+                        local[s.node] = local.get(s.node, 0) + nbytes
+    return {node: local.get(node, 0) / total[node] for node in sorted(total)}

@@ -45,7 +45,8 @@ def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None
             f"numa=migrate; {where}: {threads} threads pinned in contiguous blocks per node; "
             f"{st['tensors']} weights placed: of {st['pages']} pages {st['pages_in_place']} were in place, "
             f"{st['pages_moved']} moved, {st['pages_failed']} failed{f' ({failed})' if failed else ''}, "
-            f"{st['pages_boundary']} on slab boundaries (matrix products are not node-local yet)"
+            f"{st['pages_boundary']} on slab boundaries; node-local products: the generic mul_mat "
+            "(not yet sgemm, repack or MoE)"
         )
     return f"numa={name}; {where}: llama.cpp's stock {name} strategy"
 
