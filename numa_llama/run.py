@@ -24,9 +24,11 @@ class RunResult:
     tokens_per_s: float
     load_s: float
     numa_summary: str
+    locality: dict[int, float] | None  # per node, from the kernel's page answers (migrate on 2+ nodes)
 
 
-def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None = None) -> str:
+def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None = None,
+                 locality: dict[int, float] | None = None) -> str:
     """One line on what the NUMA layer did in this process; claims nothing the build does not do."""
     nodes = online_nodes() if nodes is None else nodes
     names = {v: k for k, v in llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_NAMES.items()}
@@ -45,8 +47,9 @@ def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None
             f"numa=migrate; {where}: {threads} threads pinned in contiguous blocks per node; "
             f"{st['tensors']} weights placed: of {st['pages']} pages {st['pages_in_place']} were in place, "
             f"{st['pages_moved']} moved, {st['pages_failed']} failed{f' ({failed})' if failed else ''}, "
-            f"{st['pages_boundary']} on slab boundaries; node-local products: the generic mul_mat "
-            "(not yet sgemm, repack or MoE)"
+            f"{st['pages_boundary']} on slab boundaries; slab bytes on their node: "
+            + ", ".join(f"node{n} {f:.2%}" for n, f in (locality or {}).items())
+            + "; node-local products: the generic mul_mat (not yet sgemm, repack or MoE)"
         )
     return f"numa={name}; {where}: llama.cpp's stock {name} strategy"
 
@@ -73,6 +76,11 @@ def generate(
         perf = llama_cpp.llama_perf_context(llm.ctx)
         n_threads = llm.context_params.n_threads
         strategy = llm.numa
+        locality = None
+        if strategy == llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_MIGRATE and len(online_nodes()) > 1:
+            from numa_llama import hooks  # noqa: PLC0415
+
+            locality = hooks.slab_locality()  # while the weights are still mapped
     finally:
         llm.close()
     p_ms, e_ms = perf.t_p_eval_ms, perf.t_eval_ms
@@ -86,5 +94,6 @@ def generate(
         generated_tokens=perf.n_eval,
         tokens_per_s=perf.n_eval / (e_ms / 1e3) if e_ms > 0 else 0.0,
         load_s=load_s,
-        numa_summary=numa_summary(strategy, n_threads),
+        numa_summary=numa_summary(strategy, n_threads, locality=locality),
+        locality=locality,
     )

@@ -65,11 +65,12 @@ def test_pages_are_where_the_plan_says(model_path: Path, use_mmap: bool, per_nod
     assert st["pages_moved"] <= st["pages"]  # pages moved / weight pages <= 1.0
     assert out["on_plan"] == st["pages_in_place"] + st["pages_moved"]
     # The generic mul_mat multiplies each node's slab on that node (patch 0004): what its threads read from
-    # their own node. Base pages (mmap) lose only the pages that straddle slabs; with THP (no mmap) a
+    # their own node. Base pages (mmap) lose only the pages that straddle slabs (which node those land on
+    # varies run to run: 99.1-100% per node measured at 4 nodes); with THP (no mmap) a
     # 2 MiB page straddles most of this small model's slabs, so only a floor is asserted there.
     locality = out["locality"]
     assert sorted(int(n) for n in locality) == nodes
-    assert min(locality.values()) >= (0.99 if use_mmap else 0.5), locality
+    assert min(locality.values()) >= (0.98 if use_mmap else 0.5), locality  # measured 99.1-100% with mmap
 
 
 LOGITS = """
