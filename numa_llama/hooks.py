@@ -37,6 +37,10 @@ class _Stats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in _STAT_FIELDS]
 
 
+class _BarrierStats(ctypes.Structure):
+    _fields_ = [("waits", ctypes.c_int64), ("wait_ns", ctypes.c_int64)]
+
+
 class HookUnavailable(RuntimeError):
     """The loaded CPU backend does not hand out this hook (a build without GGML_CPU_NUMA, or an older series)."""
 
@@ -113,6 +117,27 @@ def stats() -> dict[str, int]:
     st = _Stats()
     _hook("ggml_backend_cpu_numa_stats", None, ctypes.POINTER(_Stats))(ctypes.byref(st))
     return {name: getattr(st, name) for name in _STAT_FIELDS}
+
+
+@dataclass(frozen=True)
+class BarrierWait:
+    """Time one compute thread (by index) spent in the node-aware barrier, over every graph so far."""
+
+    thread: int
+    waits: int
+    wait_ns: int
+
+
+def barrier_stats(n_threads: int, reset: bool = False) -> list[BarrierWait]:
+    """Per thread index: barriers passed and nanoseconds waited in the node-aware barrier.
+
+    All zero where the stock barrier runs (one node, or another strategy).
+    """
+    out = (_BarrierStats * n_threads)()
+    fn = _hook("ggml_backend_cpu_numa_barrier_stats", ctypes.c_int, ctypes.c_int, ctypes.POINTER(_BarrierStats),
+               ctypes.c_bool)
+    fn(n_threads, out, reset)
+    return [BarrierWait(i, s.waits, s.wait_ns) for i, s in enumerate(out)]
 
 
 def placements() -> list[Placement]:

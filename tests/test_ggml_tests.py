@@ -1,0 +1,162 @@
+"""llama.cpp's own tests of the series, built against the patched ggml: test-barrier and test-cpu-numa.
+
+``build/ggml_tests.py`` builds them (``guest``: the sse42 variant; ``tsan``:
+ThreadSanitizer; ``guest-avx2``: the haswell variant, whose repack and tiled
+kernels sse42 lacks). On the host they are built here; in a guest, whose
+checkout is read-only, ``tox -e numa`` has built them before the guest boots.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import ggml_tests
+import pytest
+from conftest import ROOT, run_json
+
+IN_GUEST = bool(os.environ.get("NUMA_VM"))
+NEEDED = {"guest": ["test-barrier", "test-cpu-numa"], "tsan": ["test-barrier"], "guest-avx2": ["test-cpu-numa"]}
+
+
+def node_count() -> int:
+    root = Path("/sys/devices/system/node")
+    return sum(1 for d in root.glob("node[0-9]*") if (d / "cpulist").read_text().strip())
+
+
+@pytest.fixture(scope="session")
+def bins() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for flavor, tests in NEEDED.items():
+        if IN_GUEST:
+            out[flavor] = ROOT / "_build" / f"ggml-{flavor}" / "bin"
+            missing = [t for t in tests if not (out[flavor] / t).exists()]
+            if missing:
+                pytest.fail(f"{missing} not built for {flavor}: run `python build/ggml_tests.py --flavor {flavor}` "
+                            "on the host before booting the guest (tox -e numa does)")
+        else:
+            out[flavor] = ggml_tests.build_tests(ROOT / "vendor" / "llama.cpp", flavor, tests, log=lambda _: None)
+    return out
+
+
+def run(exe: Path, *args: object, env: dict[str, str] | None = None,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def cases_passed(out: str) -> tuple[int, int]:
+    m = re.search(r"test-cpu-numa: (\d+)/(\d+) cases passed", out)
+    assert m, out[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+# -- on the host (one node) ----------------------------------------------------------------------------
+
+
+def test_barrier_passes_and_orders_memory(bins: dict[str, Path]) -> None:
+    """The stock barrier, as the series leaves it, passes the order test the series added."""
+    proc = run(bins["guest"] / "test-barrier", 2, 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "n_steps: 256" in proc.stderr  # the order test ran
+    assert "read before they were written" not in proc.stderr
+
+
+def test_barrier_refuses_an_unknown_strategy(bins: dict[str, Path]) -> None:
+    proc = run(bins["guest"] / "test-barrier", 2, 1, "interleave")
+    assert proc.returncode == 1
+    assert "usage:" in proc.stderr and "migrate" in proc.stderr
+
+
+def test_barrier_under_thread_sanitizer(bins: dict[str, Path]) -> None:
+    """The thread pool and its barrier, instrumented, under --numa migrate on one node: no report."""
+    proc = run(bins["tsan"] / "test-barrier", 2, 1, "migrate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ThreadSanitizer" not in proc.stderr
+
+
+def test_cpu_numa_on_one_node_runs_the_stock_path(bins: dict[str, Path]) -> None:
+    proc = run(bins["guest"] / "test-cpu-numa", 2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "one node: both runs take the stock path" in proc.stdout
+    passed, ran = cases_passed(proc.stdout)
+    assert passed == ran == 30  # 6 types x (3 mul_mat + 2 mul_mat_id); sse42 repacks none of them
+
+
+# -- in the multi-node guests --------------------------------------------------------------------------
+
+
+@pytest.mark.numa_guest
+@pytest.mark.parametrize("per_node", [1, 2], ids=["1-thread-per-node", "2-threads-per-node"])
+def test_node_aware_barrier(bins: dict[str, Path], per_node: int) -> None:
+    """With migrate on 2+ nodes the threadpool runs the node-aware barrier, and it orders memory."""
+    nodes = node_count()
+    proc = run(bins["guest"] / "test-barrier", per_node * nodes, 1, "migrate", env={"GGML_CPU_NUMA_DEBUG": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"node-aware barrier over {nodes} nodes" in proc.stderr
+    assert "n_steps: 256" in proc.stderr
+    assert "read before they were written" not in proc.stderr
+
+
+@pytest.mark.numa_guest
+def test_node_aware_barrier_under_thread_sanitizer(bins: dict[str, Path]) -> None:
+    nodes = node_count()
+    proc = run(bins["tsan"] / "test-barrier", nodes + 1, 1, "migrate", env={"GGML_CPU_NUMA_DEBUG": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"node-aware barrier over {nodes} nodes" in proc.stderr
+    assert "ThreadSanitizer" not in proc.stderr
+
+
+@pytest.mark.numa_guest
+@pytest.mark.parametrize("extra", [0, -1], ids=["threads=nodes", "threads=2*nodes-1"])
+def test_node_local_kernels_are_bitwise_stock(bins: dict[str, Path], extra: int) -> None:
+    """Every matmul path (sse42 build): node-local output == stock split output, and every slab page on plan."""
+    nodes = node_count()
+    threads = nodes if extra == 0 else 2 * nodes - 1
+    proc = run(bins["guest"] / "test-cpu-numa", threads)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"on {nodes} node(s): node-local paths" in proc.stdout
+    assert cases_passed(proc.stdout) == (30, 30)
+    assert "FAIL" not in proc.stdout and "DIFFERENT" not in proc.stdout
+
+
+@pytest.mark.numa_guest
+def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
+    """The AVX2 build: the repacked (Q4_0, Q4_K) and tiled (K-quant) paths, node-local and bitwise stock."""
+    nodes = node_count()
+    proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert cases_passed(proc.stdout) == (40, 40)
+    repacked = [line for line in proc.stdout.splitlines() if " repack " in line and "bitwise equal" in line]
+    assert len(repacked) == 10, proc.stdout  # q4_0 and q4_K, 3 mul_mat + 2 mul_mat_id each
+
+
+BARRIER_STATS = """
+import json
+from llama_cpp import Llama
+from numa_llama import hooks
+llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=64, verbose=False)
+llm.create_completion("Paris is", max_tokens=2, temperature=0.0)
+print(json.dumps([[w.waits, w.wait_ns] for w in hooks.barrier_stats({threads})]))
+"""
+
+
+@pytest.mark.numa_guest
+@pytest.mark.model
+def test_every_thread_waits_in_the_node_aware_barrier(model_path: Path) -> None:
+    """The real model under migrate: the barrier statistics hook reports time for every thread."""
+    threads = node_count()
+    stats = run_json(BARRIER_STATS.format(model=str(model_path), threads=threads))
+    assert len(stats) == threads
+    assert all(waits > 100 and ns > 0 for waits, ns in stats), stats
+
+
+@pytest.mark.model
+def test_no_barrier_statistics_where_the_stock_barrier_runs(model_path: Path) -> None:
+    """One node (or another strategy): the stock barrier runs, and the hook says nobody waited in ours."""
+    if node_count() >= 2:
+        pytest.skip("this host has several nodes: the node-aware barrier runs here")
+    stats = run_json(BARRIER_STATS.format(model=str(model_path), threads=2))
+    assert stats == [[0, 0], [0, 0]]
