@@ -1,0 +1,150 @@
+"""Decode locality: of the matmul weight bytes each compute thread reads for one token, the fraction on its own node.
+
+Computed from the kernel's answers (``move_pages`` as a query, one per page)
+and from which rows each thread multiplies in a one-token (decode) product on
+a multi-node system, for two strategies:
+
+``migrate``
+    threads sit on nodes in contiguous blocks (the series' layout hook); each
+    node's threads share the rows of its slab (the split plan, read back from
+    the placements hook), as ``ggml_backend_cpu_numa_share`` shares them;
+``distribute`` (stock)
+    thread ``i`` is pinned to node ``i % n_nodes``; with NUMA detected, ggml's
+    generic ``mul_mat`` gives thread ``i`` the ``i``-th of ``n_threads`` equal
+    row chunks (``ceil(rows / n_threads)`` rows each).
+
+Weights are found without the series' help: the model file's mapping in
+``/proc/self/maps`` plus each tensor's offset in the GGUF (``gguf`` package),
+so this needs the model mmap'd (llama.cpp's default). It describes the
+generic kernels, which are the ones that run in the sse42 test guests; repack
+and tiled kernels split rows in other units (node-local under migrate too).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from numa_llama import hooks
+
+STRATEGIES = ("distribute", "migrate")
+
+
+@dataclass(frozen=True)
+class Weight:
+    name: str
+    address: int
+    n_rows: int
+    row_bytes: int
+    n_matrices: int
+
+
+@dataclass(frozen=True)
+class Locality:
+    strategy: str
+    n_threads: int
+    thread_node: tuple[int, ...]
+    local_bytes: tuple[int, ...]  # per thread
+    read_bytes: tuple[int, ...]  # per thread
+
+    @property
+    def per_thread(self) -> tuple[float, ...]:
+        return tuple(loc / read if read else 1.0 for loc, read in zip(self.local_bytes, self.read_bytes, strict=True))
+
+    @property
+    def overall(self) -> float:
+        return sum(self.local_bytes) / max(1, sum(self.read_bytes))
+
+
+def mapped_weights(model_path: str | os.PathLike[str], maps_text: str | None = None) -> list[Weight]:
+    """The matmul weights of a GGUF model mmap'd by this process, at their addresses in its mapping."""
+    import gguf  # noqa: PLC0415
+
+    path = os.path.realpath(model_path)
+    if maps_text is None:
+        maps_text = Path("/proc/self/maps").read_text()
+    base = None
+    for line in maps_text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[5].strip() == path:
+            lo = int(fields[0].split("-")[0], 16)
+            base = lo - int(fields[2], 16)
+            break
+    if base is None:
+        raise LookupError(f"{path} is not mapped in this process (the model must be loaded with use_mmap=True)")
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    out: list[Weight] = []
+    for t in reader.tensors:
+        shape = [int(x) for x in t.shape]  # ne0 (row length), ne1 (rows), ne2 (matrices) ...
+        if len(shape) < 2 or not t.name.endswith(".weight"):
+            continue
+        # the token embedding is read by get_rows, and multiplied only when the output matrix is tied to it
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        n_mat = 1
+        for x in shape[2:]:
+            n_mat *= x
+        out.append(Weight(t.name, base + int(t.data_offset), shape[1], shape[0] // block * type_size, n_mat))
+    return out
+
+
+def _share(begin: int, end: int, rank: int, n: int) -> tuple[int, int]:
+    """ggml_backend_cpu_numa_share with align 1: rank's part of [begin, end) among n threads."""
+    units = end - begin
+    return begin + units * rank // n, (end if rank == n - 1 else begin + units * (rank + 1) // n)
+
+
+def thread_rows(strategy: str, n_rows: int, n_threads: int, thread_node: Sequence[int],
+                slabs: Sequence[hooks.Slab] | None) -> list[tuple[int, int]]:
+    """The rows of one matrix that each thread multiplies in a decode step."""
+    if strategy == "distribute":
+        chunk = -(-n_rows // n_threads)
+        return [(min(i * chunk, n_rows), min((i + 1) * chunk, n_rows)) for i in range(n_threads)]
+    if strategy == "migrate":
+        if not slabs:
+            raise ValueError("migrate: no split plan for this weight (was it placed?)")
+        rows: list[tuple[int, int]] = []
+        for i, node in enumerate(thread_node):
+            peers = [j for j, nd in enumerate(thread_node) if nd == node]
+            slab = next(s for s in slabs if s.node == node)
+            rows.append(_share(slab.row_begin, slab.row_end, peers.index(i), len(peers)))
+        return rows
+    raise ValueError(f"decode locality is modelled for {STRATEGIES}, not {strategy!r}")
+
+
+def decode_locality(model_path: str | os.PathLike[str], strategy: str, n_threads: int) -> Locality:
+    """Per thread: bytes of the rows it multiplies for one token, and how many of them the kernel has on its node."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"decode locality is modelled for {STRATEGIES}, not {strategy!r}")
+    nodes = sorted(int(d.name[4:]) for d in Path("/sys/devices/system/node").glob("node[0-9]*"))
+    if strategy == "migrate":
+        thread_node = tuple(hooks.layout(n_threads))
+        plans = {p.data: p.slabs for p in hooks.placements()}
+    else:
+        thread_node = tuple(nodes[i % len(nodes)] for i in range(n_threads))
+        plans = {}
+    page = os.sysconf("SC_PAGESIZE")
+    local = [0] * n_threads
+    read = [0] * n_threads
+    for w in mapped_weights(model_path):
+        rows = thread_rows(strategy, w.n_rows, n_threads, thread_node, plans.get(w.address))
+        size = w.n_rows * w.row_bytes * w.n_matrices
+        first = w.address // page * page
+        pages = list(range(first, w.address + size, page))
+        where = hooks.page_nodes(pages)
+        for e in range(w.n_matrices):
+            base = w.address + e * w.n_rows * w.row_bytes
+            for i, (r0, r1) in enumerate(rows):
+                lo, hi = base + r0 * w.row_bytes, base + r1 * w.row_bytes
+                addr = lo // page * page
+                while addr < hi:
+                    nbytes = min(hi, addr + page) - max(lo, addr)
+                    read[i] += nbytes
+                    if where[(addr - first) // page] == thread_node[i]:
+                        local[i] += nbytes
+                    addr += page
+    return Locality(strategy, n_threads, thread_node, tuple(local), tuple(read))
