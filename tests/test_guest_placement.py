@@ -136,7 +136,7 @@ def test_pages_shared_with_another_process_are_counted_not_fatal(model_path: Pat
 
 LOCALITY = """
 import json, os
-if os.environ.get("NUMA_VM"):  # a cold page cache: no earlier run's placement for this one to inherit
+if os.environ.get("NUMA_VM") and {strategy!r} == "distribute":  # a cold page cache: nothing placed by earlier runs
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
 from llama_cpp import Llama
@@ -148,13 +148,13 @@ print(json.dumps({{"per_thread": loc.per_thread, "overall": loc.overall, "nodes"
 """
 
 
-@pytest.mark.parametrize("per_node", [1, 2], ids=["1-thread-per-node", "2-threads-per-node"])
+@pytest.mark.parametrize("per_node", [1], ids=["1-thread-per-node"])  # 2 per node: by hand (minutes per run)
 def test_decode_locality_migrate_beside_stock_distribute(model_path: Path, per_node: int) -> None:
     """Of the weight bytes each thread multiplies for one token, >= 99.5% are on its node with migrate.
 
-    Stock distribute is measured beside it, the same way, each from a cold page cache in the guest (printed
-    with -s). It is not held to a bound: with a cold cache and an mmap'd model its pages land where its threads
-    first read them, which is often their own node; what it leaves behind for the next run is another matter.
+    Stock distribute is measured beside it, the same way, from a cold page cache in the guest (printed with
+    -s); migrate then starts from the pages distribute left. Distribute is not held to a bound: with a cold
+    cache and an mmap'd model its pages land where its threads first read them, often their own node.
     """
     threads = per_node * len(nodes_with_cpus())
     stock, migrate = (run_json(LOCALITY.format(model=str(model_path), strategy=s, threads=threads))
