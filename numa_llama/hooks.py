@@ -169,6 +169,14 @@ def page_nodes(addresses: Sequence[int]) -> list[int]:
     return list(status)
 
 
+def page_spans(lo: int, hi: int, page: int) -> Iterator[tuple[int, int]]:
+    """(page address, bytes of [lo, hi) in that page), for every page that [lo, hi) touches."""
+    addr = lo // page * page
+    while addr < hi:
+        yield addr, min(hi, addr + page) - max(lo, addr)
+        addr += page
+
+
 def slab_locality() -> dict[int, float]:
     """Per node: the fraction of the bytes of its slabs (all placed weights) that the kernel reports on it.
 
@@ -184,10 +192,8 @@ def slab_locality() -> dict[int, float]:
         for e in range(p.n_matrices):
             base = p.data + e * p.matrix_bytes
             for s in p.slabs:
-                lo, hi = base + s.row_begin * p.row_bytes, base + s.row_end * p.row_bytes
-                pages = list(range(lo // base_page * base_page, hi, base_page))
-                for addr, node in zip(pages, page_nodes(pages), strict=True):
-                    nbytes = min(hi, addr + base_page) - max(lo, addr)
+                spans = list(page_spans(base + s.row_begin * p.row_bytes, base + s.row_end * p.row_bytes, base_page))
+                for (_, nbytes), node in zip(spans, page_nodes([a for a, _ in spans]), strict=True):
                     total[s.node] = total.get(s.node, 0) + nbytes
                     if node == s.node:
                         local[s.node] = local.get(s.node, 0) + nbytes

@@ -98,21 +98,24 @@ def _share(begin: int, end: int, rank: int, n: int) -> tuple[int, int]:
     return begin + units * rank // n, (end if rank == n - 1 else begin + units * (rank + 1) // n)
 
 
+def node_ranks(thread_node: Sequence[int]) -> list[tuple[int, int]]:
+    """Per thread: its rank among the threads of its node, and how many those are."""
+    return [(thread_node[:i].count(node), thread_node.count(node)) for i, node in enumerate(thread_node)]
+
+
 def thread_rows(strategy: str, n_rows: int, n_threads: int, thread_node: Sequence[int],
-                slabs: Sequence[hooks.Slab] | None) -> list[tuple[int, int]]:
-    """The rows of one matrix that each thread multiplies in a decode step."""
+                slabs: Sequence[hooks.Slab] | None,
+                ranks: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The rows of one matrix that each thread multiplies in a decode step (``ranks``: ``node_ranks``, if known)."""
     if strategy == "distribute":
         chunk = -(-n_rows // n_threads)
         return [(min(i * chunk, n_rows), min((i + 1) * chunk, n_rows)) for i in range(n_threads)]
     if strategy == "migrate":
         if not slabs:
             raise ValueError("migrate: no split plan for this weight (was it placed?)")
-        rows: list[tuple[int, int]] = []
-        for i, node in enumerate(thread_node):
-            peers = [j for j, nd in enumerate(thread_node) if nd == node]
-            slab = next(s for s in slabs if s.node == node)
-            rows.append(_share(slab.row_begin, slab.row_end, peers.index(i), len(peers)))
-        return rows
+        by_node = {s.node: s for s in slabs}
+        return [_share(by_node[node].row_begin, by_node[node].row_end, rank, n)
+                for node, (rank, n) in zip(thread_node, ranks or node_ranks(thread_node), strict=True)]
     raise ValueError(f"decode locality is modelled for {STRATEGIES}, not {strategy!r}")
 
 
@@ -130,8 +133,9 @@ def decode_locality(model_path: str | os.PathLike[str], strategy: str, n_threads
     page = os.sysconf("SC_PAGESIZE")
     local = [0] * n_threads
     read = [0] * n_threads
+    ranks = node_ranks(thread_node)  # the same for every weight
     for w in mapped_weights(model_path):
-        rows = thread_rows(strategy, w.n_rows, n_threads, thread_node, plans.get(w.address))
+        rows = thread_rows(strategy, w.n_rows, n_threads, thread_node, plans.get(w.address), ranks)
         size = w.n_rows * w.row_bytes * w.n_matrices
         first = w.address // page * page
         pages = list(range(first, w.address + size, page))
@@ -139,12 +143,8 @@ def decode_locality(model_path: str | os.PathLike[str], strategy: str, n_threads
         for e in range(w.n_matrices):
             base = w.address + e * w.n_rows * w.row_bytes
             for i, (r0, r1) in enumerate(rows):
-                lo, hi = base + r0 * w.row_bytes, base + r1 * w.row_bytes
-                addr = lo // page * page
-                while addr < hi:
-                    nbytes = min(hi, addr + page) - max(lo, addr)
+                for addr, nbytes in hooks.page_spans(base + r0 * w.row_bytes, base + r1 * w.row_bytes, page):
                     read[i] += nbytes
                     if where[(addr - first) // page] == thread_node[i]:
                         local[i] += nbytes
-                    addr += page
     return Locality(strategy, n_threads, thread_node, tuple(local), tuple(read))
