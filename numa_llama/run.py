@@ -49,7 +49,7 @@ def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None
             f"{st['pages_moved']} moved, {st['pages_failed']} failed{f' ({failed})' if failed else ''}, "
             f"{st['pages_boundary']} on slab boundaries; slab bytes on their node: "
             + ", ".join(f"node{n} {f:.2%}" for n, f in (locality or {}).items())
-            + "; every CPU matmul path multiplies its node's rows (src1 is still converted once for all nodes)"
+            + "; every CPU matmul path multiplies its node's rows, from src1 converted on that node"
         )
     return f"numa={name}; {where}: llama.cpp's stock {name} strategy"
 

@@ -1,4 +1,4 @@
-"""llama.cpp's own tests of the series, built against the patched ggml: test-barrier and test-cpu-numa.
+"""llama.cpp's own tests of the series, built against the patched ggml: test-barrier, test-cpu-numa, test-backend-ops.
 
 ``build/ggml_tests.py`` builds them (``guest``: the sse42 variant; ``tsan``:
 ThreadSanitizer; ``guest-avx2``: the haswell variant, whose repack and tiled
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import ggml_tests
@@ -18,7 +19,15 @@ import pytest
 from conftest import ROOT, run_json
 
 IN_GUEST = bool(os.environ.get("NUMA_VM"))
-NEEDED = {"guest": ["test-barrier", "test-cpu-numa"], "tsan": ["test-barrier"], "guest-avx2": ["test-cpu-numa"]}
+NEEDED = {"guest": ["test-barrier", "test-cpu-numa", "test-backend-ops"], "tsan": ["test-barrier"],
+          "guest-avx2": ["test-cpu-numa", "test-backend-ops"]}
+# test-backend-ops cases whose weights are big enough to split over nodes (most of its cases have 16 rows, one row
+# group: they run the stock path), for the guest, where each case costs seconds: mul_mat (q4_K) and mul_mat_id
+# (F32 to Q6_K; 1 to 129 tokens, so the generic, llamafile, tiled and chunked paths all run)
+BACKEND_OPS_GUEST = (r"^type_a=(f32|f16|q4_0|q8_0|q4_K|q6_K),type_b=f32,(m=(4096|1023),n=(1|2|5|8|9),k=(1024|4096),"
+                     r"bs=\[1,1\]|n_mats=4,n_used=2,b=0,m=512,n=(1|5|32|129),k=256)")
+THP_OFF = [sys.executable, "-c", "import ctypes, os, sys; ctypes.CDLL(None).prctl(41, 1, 0, 0, 0); "
+           "os.execv(sys.argv[1], sys.argv[1:])"]  # PR_SET_THP_DISABLE, kept across exec: base pages
 
 
 def node_count() -> int:
@@ -45,6 +54,22 @@ def run(exe: Path, *args: object, env: dict[str, str] | None = None,
         timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def backend_ops_passed(out: str) -> int:
+    """test-backend-ops' count of passed cases; asserts that none failed."""
+    m = re.search(r"(\d+)/(\d+) tests passed", out)
+    assert m, out[-2000:]
+    assert m.group(1) == m.group(2), out[-3000:]
+    assert "FAIL" not in out
+    return int(m.group(1))
+
+
+def bound_pages(out: str) -> tuple[int, int, int]:
+    """test-cpu-numa's reading of /proc/self/numa_maps: mappings bound to one node, their pages, pages elsewhere."""
+    m = re.search(r"numa_maps: (\d+) mapping\(s\) bound to one node, (\d+) page\(s\), (\d+) on another node", out)
+    assert m, out[-2000:]
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
 def cases_passed(out: str) -> tuple[int, int]:
@@ -75,6 +100,19 @@ def test_barrier_under_thread_sanitizer(bins: dict[str, Path]) -> None:
     proc = run(bins["tsan"] / "test-barrier", 2, 1, "migrate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ThreadSanitizer" not in proc.stderr
+
+
+def test_backend_ops_mul_mat_with_migrate_on_one_node(bins: dict[str, Path]) -> None:
+    """test-backend-ops -b CPU --numa migrate on the one-node host: every MUL_MAT case against the reference."""
+    proc = run(bins["guest-avx2"] / "test-backend-ops", "-b", "CPU", "--numa", "migrate", "-t", 2, "-o", "MUL_MAT")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert backend_ops_passed(proc.stdout) > 1000
+
+
+def test_backend_ops_refuses_an_unknown_strategy(bins: dict[str, Path]) -> None:
+    proc = run(bins["guest"] / "test-backend-ops", "-b", "CPU", "--numa", "interleave", "-o", "ADD")
+    assert proc.returncode == 1
+    assert "unknown or unsupported NUMA strategy 'interleave'" in proc.stderr
 
 
 def test_cpu_numa_on_one_node_runs_the_stock_path(bins: dict[str, Path]) -> None:
@@ -124,13 +162,38 @@ def test_node_local_kernels_are_bitwise_stock(bins: dict[str, Path], extra: int)
 
 @pytest.mark.numa_guest
 def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
-    """The AVX2 build: the repacked (Q4_0, Q4_K) and tiled (K-quant) paths, node-local and bitwise stock."""
+    """The AVX2 build: the repacked (Q4_0, Q4_K) and tiled (K-quant) paths, node-local and bitwise stock.
+
+    src1 is converted once per node, into a buffer bound to the node: the kernel (numa_maps) puts every page of
+    every mapping the series binds (barrier counters, src1 buffers, anonymous weights) on its node.
+    """
     nodes = node_count()
-    proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes)
+    proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes, env={"GGML_CPU_NUMA_DEBUG": "2"})
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert cases_passed(proc.stdout) == (40, 40)
     repacked = [line for line in proc.stdout.splitlines() if " repack " in line and "bitwise equal" in line]
     assert len(repacked) == 10, proc.stdout  # q4_0 and q4_K, 3 mul_mat + 2 mul_mat_id each
+    assert f"src1 buffers of 40960 bytes on each of {nodes} nodes" in proc.stderr  # 40 tokens x 1 KiB of Q8
+    mappings, pages, off = bound_pages(proc.stdout)
+    assert off == 0 and mappings >= 2 * nodes and pages > 0, (mappings, pages, off)
+
+
+@pytest.mark.numa_guest
+def test_backend_ops_with_migrate(bins: dict[str, Path]) -> None:
+    """test-backend-ops -b CPU --numa migrate (every tensor of a case counts as a weight): the products whose
+    weights split over the nodes, placed in base pages, against the CPU reference implementation."""
+    nodes = node_count()
+    exe = bins["guest"] / "test-backend-ops"
+    proc = subprocess.run([*THP_OFF, str(exe), "-b", "CPU", "--numa", "migrate", "-t", str(nodes),
+                           "-o", "MUL_MAT,MUL_MAT_ID", "-p", BACKEND_OPS_GUEST],
+                          capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "GGML_CPU_NUMA_DEBUG": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert backend_ops_passed(proc.stdout) == 32
+    placed = re.findall(r"so far (\d+) pages: (\d+) in place, (\d+) moved, (\d+) failed", proc.stderr)
+    assert placed, proc.stderr[-2000:]
+    pages, in_place, moved, failed = map(int, placed[-1])
+    assert failed == 0 and moved > 0 and in_place + moved > pages // 2, placed[-1]
 
 
 BARRIER_STATS = """

@@ -63,6 +63,10 @@ def test_pages_are_where_the_plan_says(model_path: Path, use_mmap: bool, per_nod
     assert st["pages"] == st["pages_in_place"] + st["pages_moved"] + st["pages_failed"] + st["pages_boundary"]
     assert st["pages_failed"] == 0
     assert st["pages_moved"] <= st["pages"]  # pages moved / weight pages <= 1.0
+    print(f"placement, {len(nodes)} nodes, {per_node} thread(s) per node, mmap={use_mmap}: {st['tensors']} weights, "
+          f"{st['pages']} pages, {st['pages_in_place']} in place, {st['pages_moved']} moved "
+          f"({st['pages_moved'] / st['pages']:.3f} of the weight pages), {st['pages_failed']} failed, "
+          f"{st['pages_boundary']} on slab boundaries; {out['on_plan']} slab pages on plan, {out['off_plan']} off")
     assert out["on_plan"] == st["pages_in_place"] + st["pages_moved"]
     # The generic mul_mat multiplies each node's slab on that node (patch 0004): what its threads read from
     # their own node. Base pages (mmap) lose only the pages that straddle slabs (which node those land on
@@ -87,13 +91,20 @@ print(json.dumps({{"n": len(tokens), "sha256": hashlib.sha256(scores.tobytes()).
 
 
 @pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "no-mmap"])
-def test_logits_are_bitwise_those_of_numa_off(model_path: Path, use_mmap: bool) -> None:
-    """Placement moves pages, never values: every logit of a prose prompt is bitwise the same."""
-    threads = len(nodes_with_cpus())
+@pytest.mark.parametrize("per_node", [1, 2, 3, 4], ids=[f"{n}-threads-per-node" for n in (1, 2, 3, 4)])
+def test_logits_are_bitwise_those_of_numa_off(model_path: Path, use_mmap: bool, per_node: int) -> None:
+    """Placement moves pages, never values: every logit of a prose prompt is bitwise the same.
+
+    Each thread count is compared with numa off at the same thread count; the guest has one CPU per node, so
+    2-4 threads per node are more threads than CPUs (the fault case, too).
+    """
+    threads = per_node * len(nodes_with_cpus())
     off, migrate = (run_json(LOGITS.format(model=str(model_path), numa=numa, threads=threads, mmap=use_mmap))
                     for numa in (False, "migrate"))
     assert off["n"] == migrate["n"] == 24
     assert off["sha256"] == migrate["sha256"]
+    print(f"logits, {threads} threads ({per_node} per node), mmap={use_mmap}: 24 tokens x vocab, sha256 "
+          f"{off['sha256'][:16]} off and migrate")
 
 
 HOLDER = """

@@ -1,0 +1,159 @@
+"""Stock against patched ``llama-bench``, interleaved, with per-pair ratios.
+
+Every *round* runs each configuration once (one ``llama-bench`` process: its
+own warm-up, then ``-r`` measured repetitions per test) in a rotating order, so a slow
+minute on a noisy machine slows every configuration of that round alike. A
+configuration's figure is the median over rounds; a ratio is the median over
+rounds of the ratio *within* the round (patched ÷ stock), which is what a noisy
+machine still gives reliably.
+
+``llama-bench`` binaries come from ``build/bench_build.py`` of a source
+checkout: the patched tree, and the stock tree at the same pinned commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+class BenchError(RuntimeError):
+    """A llama-bench binary is missing or a run failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One column of the comparison: a binary and its ``--numa`` strategy (None: not passed)."""
+
+    label: str
+    exe: Path
+    numa: str | None = None
+
+    def argv(self, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> list[str]:
+        args = [str(self.exe), "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
+                "-r", str(reps), "-o", "json"]
+        if self.numa is not None:
+            args += ["--numa", self.numa]
+        return args
+
+
+@dataclass
+class Result:
+    """Tokens/s of every configuration and test, every round; medians; ratios to the baseline."""
+
+    model: str
+    threads: int
+    rounds: int
+    baseline: str
+    tests: list[str]
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> test -> t/s per round
+
+    def median(self, label: str, test: str) -> float:
+        return statistics.median(self.samples[label][test])
+
+    def ratios(self, label: str, test: str) -> list[float]:
+        return [a / b for a, b in zip(self.samples[label][test], self.samples[self.baseline][test], strict=True)]
+
+    def ratio(self, label: str, test: str) -> float:
+        """Median over rounds of the within-round ratio label ÷ baseline."""
+        return statistics.median(self.ratios(label, test))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["median_tokens_per_s"] = {lab: {t: self.median(lab, t) for t in self.tests} for lab in self.samples}
+        d["ratio_to_baseline"] = {lab: {t: self.ratio(lab, t) for t in self.tests}
+                                  for lab in self.samples if lab != self.baseline}
+        return d
+
+    def markdown(self) -> str:
+        head = ["configuration", *(f"{t} t/s" for t in self.tests), *(f"{t} ÷ {self.baseline}" for t in self.tests)]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for lab in self.samples:
+            cells = [lab, *(f"{self.median(lab, t):.2f}" for t in self.tests)]
+            cells += [("1 (baseline)" if lab == self.baseline else f"{self.ratio(lab, t):.3f}") for t in self.tests]
+            rows.append("| " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+
+def test_name(record: dict) -> str:
+    """llama-bench's own names: pp512, tg128 (pp512+tg128 is not asked for here)."""
+    n_prompt, n_gen = int(record["n_prompt"]), int(record["n_gen"])
+    if n_prompt and n_gen:
+        return f"pp{n_prompt}+tg{n_gen}"
+    return f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+
+
+def run_once(cfg: Config, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> dict[str, float]:
+    """One llama-bench process (``reps`` repetitions after its warm-up): test name -> mean tokens/s."""
+    cmd = cfg.argv(model, threads, pp, tg, reps)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise BenchError(f"{cfg.label}: {shlex.join(cmd)} exited {proc.returncode}:\n{tail}")
+    try:
+        records = json.loads(proc.stdout)
+    except ValueError as e:
+        raise BenchError(f"{cfg.label}: llama-bench printed no JSON ({e}): {proc.stdout[:300]!r}") from None
+    return {test_name(r): float(r["avg_ts"]) for r in records}
+
+
+def compare(configs: Sequence[Config], model: Path, threads: int, rounds: int = 5, pp: int = 512,
+            tg: int = 128, reps: int = 1, progress: Callable[[str], None] | None = None) -> Result:
+    """Run every configuration ``rounds`` times, interleaved (A B C, B C A, C A B, ...)."""
+    if not configs:
+        raise BenchError("nothing to compare")
+    for cfg in configs:
+        if not (cfg.exe.is_file() and os.access(cfg.exe, os.X_OK)):
+            raise BenchError(f"{cfg.label}: no llama-bench at {cfg.exe} (python build/bench_build.py builds it)")
+    if not model.is_file():
+        raise BenchError(f"model file not found: {model}")
+    tests = [t for t in (f"pp{pp}" if pp else "", f"tg{tg}" if tg else "") if t]
+    res = Result(str(model), threads, rounds, configs[0].label, tests,
+                 {c.label: {t: [] for t in tests} for c in configs})
+    for r in range(rounds):
+        order = [configs[(r + k) % len(configs)] for k in range(len(configs))]
+        for k, cfg in enumerate(order):
+            if progress:
+                progress(f"round {r + 1}/{rounds}, {k + 1}/{len(order)}: {cfg.label}")
+            got = run_once(cfg, model, threads, pp, tg, reps)
+            missing = [t for t in tests if t not in got]
+            if missing:
+                raise BenchError(f"{cfg.label}: llama-bench reported {sorted(got)}, not {missing}")
+            for t in tests:
+                res.samples[cfg.label][t].append(got[t])
+    return res
+
+
+def source_checkout(start: Path | None = None) -> Path:
+    """The numa-llama checkout that holds ``build/bench_build.py`` (cwd, or NUMA_LLAMA_SOURCE)."""
+    env = os.environ.get("NUMA_LLAMA_SOURCE")
+    candidates = [Path(env)] if env else [p for p in [(start or Path.cwd()).resolve(),
+                                                      *(start or Path.cwd()).resolve().parents]]
+    for c in candidates:
+        if (c / "build" / "bench_build.py").is_file():
+            return c
+    raise BenchError("building llama-bench needs the numa-llama source checkout: run from it, "
+                     "or set NUMA_LLAMA_SOURCE to it")
+
+
+def build(which: str, checkout: Path, log: Callable[[str], None] | None = None) -> Path:
+    """Build (or reuse) llama-bench of ``which`` (patched|stock) with the checkout's build script."""
+    cmd = [sys.executable, str(checkout / "build" / "bench_build.py"), "--which", which]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stderr:
+        tail = (tail + [line.rstrip()])[-20:]
+        if log:
+            log(line.rstrip())
+    out = proc.stdout.read()
+    if proc.wait() != 0:
+        raise BenchError(f"building the {which} llama-bench failed:\n" + "\n".join(tail))
+    return Path(out.split()[-1])

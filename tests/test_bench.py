@@ -1,0 +1,82 @@
+"""``numa-llama bench``: the patched llama-bench per strategy, interleaved; clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import bench_build
+import pytest
+from conftest import ROOT
+
+from numa_llama import bench
+
+
+def numa_llama(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def patched_bench() -> Path:
+    """The patched tree's llama-bench, built here (minutes once, seconds with the build directory kept)."""
+    return bench_build.build_bench("patched", log=lambda _: None)
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    proc = numa_llama("bench", str(tmp_path / "nope.gguf"), "--llama-bench", sys.executable)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"numa-llama: model file not found: {tmp_path / 'nope.gguf'}"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--strategies", "off,interleave"], "unknown strategy ['interleave']"),
+    (["--strategies", ","], "unknown strategy"),
+    (["--rounds", "0"], "--rounds, --reps and --threads must be >= 1"),
+    (["--reps", "0"], "--rounds, --reps and --threads must be >= 1"),
+    (["-p", "0", "-n", "0"], "not both 0"),
+    (["-t", "0"], "--rounds, --reps and --threads must be >= 1"),
+])
+def test_bad_arguments_are_clear_errors(args: list[str], says: str) -> None:
+    proc = numa_llama("bench", *args)
+    assert proc.returncode == 2
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.model
+def test_a_missing_llama_bench_is_named(tmp_path: Path) -> None:
+    proc = numa_llama("bench", "--llama-bench", str(tmp_path / "llama-bench"), "--rounds", "1")
+    assert proc.returncode == 1
+    assert f"no llama-bench at {tmp_path / 'llama-bench'}" in proc.stderr
+
+
+@pytest.mark.model
+def test_interleaved_runs_give_medians_and_ratios(patched_bench: Path, tmp_path: Path) -> None:
+    """A real (short) comparison: every configuration in every round, in JSON and as a table."""
+    md = tmp_path / "bench.md"
+    proc = numa_llama("bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "-t", "2",
+                      "--rounds", "2", "-r", "1", "-p", "32", "-n", "8", "--json", "--markdown", str(md))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["baseline"] == "patched-off" and out["tests"] == ["pp32", "tg8"]
+    for label in ("patched-off", "patched-migrate"):
+        for test in ("pp32", "tg8"):
+            samples = out["samples"][label][test]
+            assert len(samples) == 2 and all(s > 0 for s in samples)
+            assert out["median_tokens_per_s"][label][test] > 0
+    ratios = out["ratio_to_baseline"]["patched-migrate"]
+    assert set(ratios) == {"pp32", "tg8"} and all(r > 0 for r in ratios.values())
+    table = md.read_text().splitlines()
+    assert table[0] == "| configuration | pp32 t/s | tg8 t/s | pp32 ÷ patched-off | tg8 ÷ patched-off |"
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["patched-off", "patched-migrate"]
+
+
+def test_ratio_is_the_median_of_within_round_ratios() -> None:
+    """A noisy round slows both sides: the within-round ratio cancels it, a ratio of medians would not."""
+    res = bench.Result("m.gguf", 2, 3, "stock", ["tg128"],
+                       {"stock": {"tg128": [100.0, 50.0, 100.0]}, "patched": {"tg128": [99.0, 49.0, 101.0]}})
+    assert res.ratios("patched", "tg128") == [0.99, 0.98, 1.01]
+    assert res.ratio("patched", "tg128") == 0.99
+    assert res.median("stock", "tg128") == 100.0
