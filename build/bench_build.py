@@ -9,7 +9,7 @@ variant (the best one that *executes* here, probed like the shipped build),
 ``GGML_NATIVE=OFF``: a ``-march=native`` build dies in its AMX kernels on
 machines that advertise AMX and fault on it.
 
-Usage: ``python build/bench_build.py [--which patched|stock|both]``; prints
+Usage: ``python build/bench_build.py [--which patched|stock|both] [--variant NAME]``; prints
 ``<which> <path of llama-bench>`` per build.
 """
 
@@ -52,10 +52,11 @@ def stock_tree(build_root: Path, log=print) -> Path:
     return tree
 
 
-def best_variant(tree: Path, log=print) -> native.Variant:
+def pick_variant(tree: Path, name: str | None = None, log=print) -> native.Variant:
+    """The named ggml CPU variant (probed: it must execute here), or the best one that does."""
     variants = native.x86_variants(tree)
-    name = native.choose_variants(variants, None, log=log)[0]
-    return next(v for v in variants if v.name == name)
+    chosen = native.choose_variants(variants, [name] if name else None, log=log)
+    return next(v for v in variants if v.name == chosen[0])
 
 
 def bench_args(variant: native.Variant, numa: bool) -> list[str]:
@@ -74,17 +75,19 @@ def bench_args(variant: native.Variant, numa: bool) -> list[str]:
     ]
 
 
-def build_bench(which: str, build_root: Path | None = None, log=print) -> Path:
-    """Build (or bring up to date) ``llama-bench`` for ``which`` in {patched, stock}; return its path."""
+def build_bench(which: str, build_root: Path | None = None, log=print, variant: str | None = None) -> Path:
+    """Build (or bring up to date) ``llama-bench`` for ``which`` in {patched, stock}; return its path.
+
+    ``variant`` names a ggml CPU variant (``haswell`` for valgrind, which has no AVX-512); default: the best."""
     if which not in ("patched", "stock"):
         raise native.BuildError(f"unknown build {which!r}: patched or stock")
     build_root = build_root or ROOT / "_build"
     tree = PATCHED_TREE if which == "patched" else stock_tree(build_root, log)
     if not (tree / "CMakeLists.txt").exists():
         raise native.BuildError(f"{tree} is not a llama.cpp tree: run python build/sync.py apply")
-    variant = best_variant(tree, log)
-    build_dir = build_root / f"bench-{which}"
-    native._configure(tree, build_dir, bench_args(variant, numa=which == "patched"), log)
+    chosen = pick_variant(tree, variant, log)
+    build_dir = build_root / (f"bench-{which}" + (f"-{variant}" if variant else ""))
+    native._configure(tree, build_dir, bench_args(chosen, numa=which == "patched"), log)
     jobs = int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", 0)) or os.cpu_count() or 1
     native._stream(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-bench"], log)
     exe = build_dir / "bin" / "llama-bench"
@@ -97,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--which", choices=["patched", "stock", "both"], default="both")
     ap.add_argument("--build-root", type=Path, default=None, help="where the build directories go (_build)")
+    ap.add_argument("--variant", default=None, help="a ggml CPU variant (e.g. haswell); default: the best that runs")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     args = ap.parse_args(argv)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         for which in (["patched", "stock"] if args.which == "both" else [args.which]):
-            print(which, build_bench(which, args.build_root, log=log), flush=True)
+            print(which, build_bench(which, args.build_root, log=log, variant=args.variant), flush=True)
     except (native.BuildError, subprocess.SubprocessError, OSError) as e:
         print(f"bench_build: {e}", file=sys.stderr)
         return 1

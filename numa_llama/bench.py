@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,9 +145,10 @@ def source_checkout(start: Path | None = None) -> Path:
                      "or set NUMA_LLAMA_SOURCE to it")
 
 
-def build(which: str, checkout: Path, log: Callable[[str], None] | None = None) -> Path:
+def build(which: str, checkout: Path, log: Callable[[str], None] | None = None, variant: str | None = None) -> Path:
     """Build (or reuse) llama-bench of ``which`` (patched|stock) with the checkout's build script."""
     cmd = [sys.executable, str(checkout / "build" / "bench_build.py"), "--which", which]
+    cmd += ["--variant", variant] if variant else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None and proc.stdout is not None
     tail: list[str] = []
@@ -157,3 +160,23 @@ def build(which: str, checkout: Path, log: Callable[[str], None] | None = None) 
     if proc.wait() != 0:
         raise BenchError(f"building the {which} llama-bench failed:\n" + "\n".join(tail))
     return Path(out.split()[-1])
+
+
+def instructions(cfg: Config, model: Path, n_gen: int) -> int:
+    """Instructions callgrind counts for one llama-bench process generating ``n_gen`` tokens (1 thread)."""
+    if shutil.which("valgrind") is None:
+        raise BenchError("--callgrind needs valgrind (apt-get install valgrind)")
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+           *cfg.argv(model, 1, 0, n_gen, 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or m is None:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise BenchError(f"{cfg.label}: callgrind of {shlex.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
+    return int(m.group(1))
+
+
+def instructions_per_token(cfg: Config, model: Path, n_gen: int = 8) -> float:
+    """Decode instructions per token: the difference of a 2n-token and an n-token run, so that model load,
+    warm-up and exit cancel out (every one of them runs the same code for both lengths)."""
+    return (instructions(cfg, model, 2 * n_gen) - instructions(cfg, model, n_gen)) / n_gen

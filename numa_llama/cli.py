@@ -83,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     counts = (args.rounds, args.reps, args.threads if args.threads is not None else 1)
-    if min(counts) < 1 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
+    if min(counts) < 1 or args.callgrind < 0 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
         print("numa-llama: --rounds, --reps and --threads must be >= 1, -p/-n >= 0 and not both 0", file=sys.stderr)
         return 2
     try:
@@ -95,13 +95,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         patched = Path(args.llama_bench) if args.llama_bench else None
         stock = Path(args.stock_bench) if args.stock_bench else None
+        # valgrind decodes no AVX-512: callgrind counts the AVX2 (haswell) build unless told otherwise
+        variant = args.variant or ("haswell" if args.callgrind else None)
         if patched is None or (args.stock and stock is None):
             checkout = bench.source_checkout()
-            patched = patched or bench.build("patched", checkout, log)
+            patched = patched or bench.build("patched", checkout, log, variant)
             if args.stock and stock is None:
-                stock = bench.build("stock", checkout, log)
+                stock = bench.build("stock", checkout, log, variant)
         configs = ([bench.Config("stock", stock)] if args.stock and stock else [])
         configs += [bench.Config(f"patched-{s}", patched, None if s == "off" else s) for s in strategies]
+        if args.callgrind:
+            return _bench_callgrind(configs, model, args.callgrind, args.json)
         res = bench.compare(configs, model, args.threads or os.cpu_count() or 1, rounds=args.rounds,
                             pp=args.pp, tg=args.tg, reps=args.reps, progress=log)
     except bench.BenchError as e:
@@ -115,6 +119,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"model {Path(res.model).name}, {res.threads} threads, {res.rounds} interleaved rounds "
           f"(medians; ratios are medians of within-round ratios)")
     print(res.markdown())
+    return 0
+
+
+def _bench_callgrind(configs: list, model, n_gen: int, as_json: bool) -> int:
+    from numa_llama import bench  # noqa: PLC0415
+
+    per_token = {c.label: bench.instructions_per_token(c, model, n_gen) for c in configs}
+    base = configs[0].label
+    if as_json:
+        print(json.dumps({"model": str(model), "tokens": n_gen, "baseline": base,
+                          "instructions_per_token": per_token,
+                          "ratio_to_baseline": {k: v / per_token[base] for k, v in per_token.items() if k != base}},
+                         indent=2))
+        return 0
+    print(f"decode instructions per token (callgrind, 1 thread, {2 * n_gen} minus {n_gen} tokens)")
+    print(f"| configuration | instructions/token | ÷ {base} |\n|---|---|---|")
+    for label, n in per_token.items():
+        print(f"| {label} | {n:,.0f} | {'1 (baseline)' if label == base else f'{n / per_token[base]:.5f}'} |")
     return 0
 
 
@@ -142,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--reps", type=int, default=3, help="llama-bench repetitions per round (default: 3)")
     b.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens, 0 for none (default: 512)")
     b.add_argument("-n", "--tg", type=int, default=128, help="generated tokens, 0 for none (default: 128)")
+    b.add_argument("--variant", help="the ggml CPU variant to build (default: the best that runs; haswell with "
+                   "--callgrind)")
     b.add_argument("--llama-bench", help="a patched llama-bench to use instead of building one")
     b.add_argument("--stock-bench", help="a stock llama-bench to use instead of building one")
+    b.add_argument("--callgrind", type=int, default=0, metavar="N",
+                   help="instead of timing, count decode instructions per token under callgrind (N and 2N tokens)")
     b.add_argument("--markdown", help="also write the table to this file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
