@@ -66,8 +66,10 @@ def backend_ops_passed(out: str) -> int:
 
 
 def bound_pages(out: str) -> tuple[int, int, int]:
-    """test-cpu-numa's reading of /proc/self/numa_maps: mappings bound to one node, their pages, pages elsewhere."""
-    m = re.search(r"numa_maps: (\d+) mapping\(s\) bound to one node, (\d+) page\(s\), (\d+) on another node", out)
+    """test-cpu-numa's reading of /proc/self/numa_maps: mappings bound to one node (the barrier's counters and the
+    src1 buffers; the weights' pages are asked of move_pages), their pages, pages elsewhere."""
+    m = re.search(r"numa_maps: (\d+) mapping\(s\) bound to one node \(besides the weights\), (\d+) page\(s\), "
+                  r"(\d+) on another node", out)
     assert m, out[-2000:]
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
@@ -165,7 +167,7 @@ def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
     """The AVX2 build: the repacked (Q4_0, Q4_K) and tiled (K-quant) paths, node-local and bitwise stock.
 
     src1 is converted once per node, into a buffer bound to the node: the kernel (numa_maps) puts every page of
-    every mapping the series binds (barrier counters, src1 buffers, anonymous weights) on its node.
+    the barrier's counters and of the src1 buffers on its node (the weights' pages are asked of move_pages).
     """
     nodes = node_count()
     proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes, env={"GGML_CPU_NUMA_DEBUG": "2"})

@@ -155,7 +155,11 @@ from numa_llama.locality import decode_locality
 llm = Llama({model!r}, numa={strategy!r}, n_threads={threads}, n_ctx=64, verbose=False)
 llm.create_completion("Paris is", max_tokens=2, temperature=0.0)
 loc = decode_locality({model!r}, {strategy!r}, {threads})
-print(json.dumps({{"per_thread": loc.per_thread, "overall": loc.overall, "nodes": loc.thread_node}}))
+stats = None
+if {strategy!r} == "migrate":
+    from numa_llama import hooks
+    stats = hooks.stats()
+print(json.dumps({{"per_thread": loc.per_thread, "overall": loc.overall, "nodes": loc.thread_node, "stats": stats}}))
 """
 
 
@@ -173,6 +177,10 @@ def test_decode_locality_migrate_beside_stock_distribute(model_path: Path, per_n
     for name, loc in (("distribute", stock), ("migrate", migrate)):
         per_thread = " ".join(f"{f:.4f}" for f in loc["per_thread"])
         print(f"decode locality, {threads} threads, {name}: {loc['overall']:.4f} (per thread {per_thread})")
+    st = migrate["stats"]
+    print(f"migrate after distribute: {st['pages_moved']} of {st['pages']} weight pages moved "
+          f"({st['pages_moved'] / st['pages']:.3f}), {st['pages_in_place']} in place, {st['pages_failed']} failed")
     assert len(migrate["per_thread"]) == threads
     assert min(migrate["per_thread"]) >= 0.995, migrate
+    assert st["pages_failed"] == 0 and 0 <= st["pages_moved"] <= st["pages"]  # moved / weight pages <= 1.0
     assert len(stock["per_thread"]) == threads and all(0.0 <= f <= 1.0 for f in stock["per_thread"])
