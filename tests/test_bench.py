@@ -53,6 +53,7 @@ def test_a_missing_llama_bench_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.bench
 def test_interleaved_runs_give_medians_and_ratios(patched_bench: Path, tmp_path: Path) -> None:
     """A real (short) comparison: every configuration in every round, in JSON and as a table."""
     md = tmp_path / "bench.md"
