@@ -31,25 +31,24 @@ PATCHED_TREE = ROOT / "vendor" / "llama.cpp"
 BASE_REF = "upstream"  # the branch sync.py keeps at the pinned, unmodified tree
 
 
+def worktree_at(tree: Path, commit: str, log=print) -> Path:
+    """A detached git worktree of ``vendor/llama.cpp`` at ``tree``, checked out at ``commit`` with no local changes.
+
+    Made once; later calls move it (``checkout -f``), so one build directory serves every commit it is moved to."""
+    if not (tree / ".git").exists():
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(PATCHED_TREE), "worktree", "prune"], check=True)
+        native._stream(["git", "-C", str(PATCHED_TREE), "worktree", "add", "--detach", "-f", str(tree), commit], log)
+    subprocess.run(["git", "-C", str(tree), "checkout", "-q", "--detach", "-f", commit], check=True)
+    return tree
+
+
 def stock_tree(build_root: Path, log=print) -> Path:
-    """A worktree of the pinned commit, unpatched; made once, checked on every use."""
-    tree = build_root / "stock" / "llama.cpp"
-    git = ["git", "-C", str(PATCHED_TREE)]
-    base = subprocess.run([*git, "rev-parse", BASE_REF], capture_output=True, text=True)
+    """A worktree of the pinned commit, unpatched."""
+    base = subprocess.run(["git", "-C", str(PATCHED_TREE), "rev-parse", BASE_REF], capture_output=True, text=True)
     if base.returncode != 0:
         raise native.BuildError(f"{PATCHED_TREE} has no {BASE_REF!r} branch: run python build/sync.py apply")
-    want = base.stdout.strip()
-    if tree.exists():
-        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain"], capture_output=True, text=True)
-        if head.stdout.strip() == want and not dirty.stdout.strip():
-            return tree
-        log(f"-- bench: {tree} is not the pinned commit, or has changes: making it again")
-        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
-        subprocess.run([*git, "worktree", "prune"], check=True)
-    tree.parent.mkdir(parents=True, exist_ok=True)
-    native._stream([*git, "worktree", "add", "--detach", str(tree), want], log)
-    return tree
+    return worktree_at(build_root / "stock" / "llama.cpp", base.stdout.strip(), log)
 
 
 def pick_variant(tree: Path, name: str | None = None, log=print) -> native.Variant:

@@ -30,11 +30,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import bench_build  # noqa: E402
 import compile as native  # noqa: E402
 import ggml_tests  # noqa: E402
 
-VENDOR = ROOT / "vendor" / "llama.cpp"
-BASE_REF = "upstream"
+VENDOR = bench_build.PATCHED_TREE
+BASE_REF = bench_build.BASE_REF
 FLAVOR = "guest-avx2"
 BACKEND_OPS = ["-b", "CPU", "--numa", "migrate", "-t", "2", "-o", "MUL_MAT,MUL_MAT_ID",
                "-p", r"^type_a=(f16|q4_0|q8_0|q4_K|q6_K),type_b=f32,(m=16,n=(1|9),k=256,bs=\[1,1\],nr=\[1,1\]|"
@@ -59,17 +60,6 @@ def series_commits() -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in out.stdout.splitlines()]  # type: ignore[misc]
 
 
-def worktree(build_root: Path, commit: str) -> Path:
-    tree = build_root / "bisect" / "llama.cpp"
-    if not (tree / ".git").exists():
-        tree.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "-C", str(VENDOR), "worktree", "prune"], check=True)
-        subprocess.run(["git", "-C", str(VENDOR), "worktree", "add", "--detach", "-f", str(tree), commit],
-                       check=True, capture_output=True)
-    subprocess.run(["git", "-C", str(tree), "checkout", "-q", "--detach", "-f", commit], check=True)
-    return tree
-
-
 def run_test(cmd: list[str], what: str, timeout: float = 900) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -79,7 +69,7 @@ def run_test(cmd: list[str], what: str, timeout: float = 900) -> str:
 
 
 def check_prefix(step: Step, build_root: Path, log) -> None:
-    tree = worktree(build_root, step.commit)
+    tree = bench_build.worktree_at(build_root / "bisect" / "llama.cpp", step.commit, log)
     tests = [t for t in ggml_tests.TESTS if (tree / "tests" / f"{t}.cpp").exists()]
     bins = ggml_tests.build_tests(tree, FLAVOR, tests, build_root=build_root / "bisect", log=log)
     done = []

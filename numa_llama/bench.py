@@ -136,8 +136,8 @@ def compare(configs: Sequence[Config], model: Path, threads: int, rounds: int = 
 def source_checkout(start: Path | None = None) -> Path:
     """The numa-llama checkout that holds ``build/bench_build.py`` (cwd, or NUMA_LLAMA_SOURCE)."""
     env = os.environ.get("NUMA_LLAMA_SOURCE")
-    candidates = [Path(env)] if env else [p for p in [(start or Path.cwd()).resolve(),
-                                                      *(start or Path.cwd()).resolve().parents]]
+    here = (start or Path.cwd()).resolve()
+    candidates = [Path(env)] if env else [here, *here.parents]
     for c in candidates:
         if (c / "build" / "bench_build.py").is_file():
             return c

@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
+from types import ModuleType
 
 DEFAULT_PROMPT = "The main reason a multi-socket server reads memory slowly is"
 
@@ -71,7 +73,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
 
     from numa_llama import bench  # noqa: PLC0415
     from numa_llama.models import ModelNotFoundError, resolve_model  # noqa: PLC0415
@@ -105,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs = ([bench.Config("stock", stock)] if args.stock and stock else [])
         configs += [bench.Config(f"patched-{s}", patched, None if s == "off" else s) for s in strategies]
         if args.callgrind:
-            return _bench_callgrind(configs, model, args.callgrind, args.json)
+            return _bench_callgrind(bench, configs, model, args.callgrind, args.json)
         res = bench.compare(configs, model, args.threads or os.cpu_count() or 1, rounds=args.rounds,
                             pp=args.pp, tg=args.tg, reps=args.reps, progress=log)
     except bench.BenchError as e:
@@ -122,9 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_callgrind(configs: list, model, n_gen: int, as_json: bool) -> int:
-    from numa_llama import bench  # noqa: PLC0415
-
+def _bench_callgrind(bench: ModuleType, configs: list, model: Path, n_gen: int, as_json: bool) -> int:
     per_token = {c.label: bench.instructions_per_token(c, model, n_gen) for c in configs}
     base = configs[0].label
     if as_json:
