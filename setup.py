@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
@@ -81,6 +83,8 @@ class BuildNative(build_py):
             raise SystemExit(1) from None
         log(f"numa-llama: {info_line}")
         self._write_build_info(result)
+        # _build/py persists between builds: a module deleted or renamed in the source must not live on there
+        shutil.rmtree(Path(self.build_lib) / "numa_llama", ignore_errors=True)
         super().run()
         log("numa-llama: [3/3] packaging llama_cpp (patched) and numa_llama")
         native.install_libs(result.libs, Path(self.build_lib) / "llama_cpp" / "lib")
@@ -100,6 +104,22 @@ class BuildNative(build_py):
         (ROOT / "numa_llama" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+class BuildExt(build_ext):
+    """build_ext (the cffi module), and a copy of it beside the sources, as _build_info.json is.
+
+    Then ``numa_llama`` imported from the checkout (``python -m numa_llama``
+    run in it puts it first on sys.path) works as the installed one does.
+    """
+
+    def run(self) -> None:
+        log("numa-llama: compiling numa_llama._native (cffi, API mode, against the patched ggml-cpu.h)")
+        super().run()
+        for ext in self.extensions:
+            built = Path(self.get_ext_fullpath(ext.name))
+            if not self.inplace and built.exists():
+                shutil.copy2(built, ROOT / Path(*ext.name.split(".")[:-1]) / built.name)
+
+
 class BinaryDistribution(Distribution):
     """The wheel carries native libraries: tag it for this platform."""
 
@@ -115,5 +135,7 @@ setup(
     packages=["numa_llama", "llama_cpp", "llama_cpp.server"],
     package_dir={"llama_cpp": f"{BINDINGS}/llama_cpp"},
     package_data={"numa_llama": ["_build_info.json", "py.typed"], "llama_cpp": ["py.typed"]},
-    cmdclass={"build_py": BuildNative},
+    cmdclass={"build_py": BuildNative, "build_ext": BuildExt},
+    # the kernel oracle and the series' C API (API mode: compiled against the patched ggml-cpu.h)
+    cffi_modules=["numa_llama/_native_build.py:ffibuilder"],
 )

@@ -3,7 +3,7 @@
 
     python build/numa_vm.py --nodes 2 -- numactl --hardware
     python build/numa_vm.py --nodes 3 --cpus-per-node 2,2,0 --mem-per-node 1G,1G,512M \\
-        --distance 0-1=20 --distance 0-2=40 -- python -m pytest -m numa_guest
+        --distance 0-1=20 --distance 0-2=40 -- python -P -m pytest -m numa_guest
 
 The guest is QEMU (TCG: nested KVM hangs at boot on our machines; ``--accel
 kvm`` where it works) running a Debian kernel (``apt-get download``, unpacked,

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from numa_llama._build import BuildInfo, StockLlamaCppError, build_info, require_patched_llama_cpp
 
-__all__ = ["BuildInfo", "StockLlamaCppError", "build_info", "require_patched_llama_cpp", "__version__"]
+__all__ = ["BuildInfo", "StockLlamaCppError", "build_info", "require_patched_llama_cpp", "__version__",
+           "topology", "placement", "locality", "stats"]
 __version__ = "0.1.0"
 
 require_patched_llama_cpp()
+
+from numa_llama.api import locality, placement, stats, topology  # noqa: E402

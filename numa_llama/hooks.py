@@ -1,44 +1,26 @@
-"""The patch series' hooks (``ggml_backend_cpu_numa_*``) and the kernel's page query, through ctypes.
+"""The patch series' C API (the ``ggml_backend_cpu_numa_*`` hooks), through the compiled ``numa_llama._native``.
 
-The hooks are reached the way the series hands them out: the CPU backend's
-``ggml_backend_reg_get_proc_address`` in the library ``llama_cpp`` loaded,
-never a second copy. The kernel's word on where a page is comes from
-``move_pages(2)`` with no target nodes, independent of the series'
-bookkeeping. (The typed cffi layer replaces this module later.)
+The hooks are reached the way the series hands them out, by the CPU
+backend's ``ggml_backend_reg_get_proc_address``, in the library that
+``llama_cpp`` loaded: ``_native`` opens it with ``RTLD_NOLOAD``, so it is
+that copy, with the state llama.cpp placed the weights in, or an error.
+Their structs are checked against the patched ``ggml-cpu.h`` when the module
+is compiled. The kernel's word on the pages is in :mod:`numa_llama.kernel`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
+import errno
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-MAX_SLABS = 16  # GGML_CPU_NUMA_MAX_SLABS
-_SYS_MOVE_PAGES = {"x86_64": 279, "aarch64": 239, "ppc64le": 301}
+from numa_llama import kernel
+from numa_llama.kernel import ffi, lib, page_nodes, page_spans  # noqa: F401  (re-exported: callers ask both)
+
+MAX_SLABS = 64  # GGML_CPU_NUMA_MAX_SLABS
 _STAT_FIELDS = ("tensors pages pages_in_place pages_moved pages_failed pages_boundary failed_eacces failed_ebusy "
                 "failed_enomem failed_cpuset failed_other").split()
-
-
-class _Split(ctypes.Structure):
-    _fields_ = [("n_slabs", ctypes.c_int), ("node", ctypes.c_int * MAX_SLABS),
-                ("row_begin", ctypes.c_int64 * (MAX_SLABS + 1))]
-
-
-class _Placement(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.c_void_p), ("nbytes", ctypes.c_size_t),
-                ("row_bytes", ctypes.c_size_t), ("matrix_bytes", ctypes.c_size_t), ("n_rows", ctypes.c_int64),
-                ("n_matrices", ctypes.c_int64), ("n_threads", ctypes.c_int), ("page_bytes", ctypes.c_size_t),
-                ("split", _Split)]
-
-
-class _Stats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in _STAT_FIELDS]
-
-
-class _BarrierStats(ctypes.Structure):
-    _fields_ = [("waits", ctypes.c_int64), ("wait_ns", ctypes.c_int64)]
 
 
 class HookUnavailable(RuntimeError):
@@ -50,6 +32,12 @@ class Slab:
     node: int
     row_begin: int
     row_end: int
+
+
+@dataclass(frozen=True)
+class Split:
+    slabs: tuple[Slab, ...]
+    threads: tuple[int, ...] = ()  # from plan(): threads given to each node, in the order of node_ids
 
 
 @dataclass(frozen=True)
@@ -70,7 +58,7 @@ class Placement:
     def slab_pages(self) -> Iterator[tuple[int, list[int]]]:
         """(intended node, base-page addresses wholly inside that node's slab), per matrix and slab."""
         unit = self.page_bytes
-        base_page = os.sysconf("SC_PAGESIZE")
+        base_page = kernel.page_size()
         for e in range(self.n_matrices):
             base = self.data + e * self.matrix_bytes
             for s in self.slabs:
@@ -81,41 +69,74 @@ class Placement:
 
 
 @cache
-def _cpu_reg() -> tuple[ctypes.CDLL, int]:
-    import llama_cpp.llama_cpp as lib  # noqa: PLC0415
+def bind() -> str:
+    """Bind ``_native`` to the library ``llama_cpp`` loaded (once); returns its path."""
+    import llama_cpp.llama_cpp as bindings  # noqa: PLC0415
 
-    dll = lib._lib
-    dll.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    dll.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    dll.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    dll.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-    dll.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    dll.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    dev = dll.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
-    if not dev:
-        raise HookUnavailable("no CPU backend is registered in the loaded llama_cpp library")
-    return dll, dll.ggml_backend_dev_backend_reg(dev)
+    path = bindings._lib._name
+    err = ffi.new("char[]", 512)
+    if lib.nl_bind(path.encode(), err, 512) != 0:
+        raise HookUnavailable(ffi.string(err).decode())
+    return path
 
 
-def _hook(name: str, restype, *argtypes):
-    dll, reg = _cpu_reg()
-    addr = dll.ggml_backend_reg_get_proc_address(reg, name.encode())
-    if not addr:
+def _call(rv: int, name: str) -> int:
+    if rv == -errno.ENOSYS:
         raise HookUnavailable(f"the loaded CPU backend has no hook {name!r} (not a GGML_CPU_NUMA build?)")
-    return ctypes.CFUNCTYPE(restype, *argtypes)(addr)
+    return rv
+
+
+def has_hook(name: str) -> bool:
+    bind()
+    return bool(lib.nl_has_hook(name.encode()))
+
+
+def _split(s) -> tuple[Slab, ...]:
+    return tuple(Slab(s.node[k], s.row_begin[k], s.row_begin[k + 1]) for k in range(s.n_slabs))
 
 
 def layout(n_threads: int) -> list[int]:
     """The node id of each compute thread under ``--numa migrate`` (after NUMA init)."""
-    out = (ctypes.c_int * n_threads)()
-    _hook("ggml_backend_cpu_numa_layout", ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int))(n_threads, out)
+    bind()
+    out = ffi.new("int[]", n_threads)
+    _call(lib.nl_numa_layout(n_threads, out), "ggml_backend_cpu_numa_layout")
     return list(out)
+
+
+def split_of(type_id: int, ne0: int, ne1: int, data: int, n_threads: int) -> tuple[Slab, ...]:
+    """The plan this process would place a weight by (``ggml_backend_cpu_numa_split``, this machine's layout)."""
+    bind()
+    s = ffi.new("struct ggml_backend_cpu_numa_split *")
+    _call(lib.nl_numa_split_of(type_id, ne0, ne1, data, n_threads, s), "ggml_backend_cpu_numa_split")
+    return _split(s)
+
+
+def plan(n_threads: int, node_ids: Sequence[int], weights: Sequence[float], n_rows: int, row_bytes: int,
+         data: int, page_bytes: int) -> Split:
+    """The series' split plan for a topology given explicitly (``ggml_backend_cpu_numa_plan``: the library's code).
+
+    ``n_threads`` are shared among the nodes by ``weights`` (largest remainder),
+    then the ``n_rows`` rows of ``row_bytes`` at address ``data``, moving in
+    pages of ``page_bytes``, are split among the nodes that got threads.
+    """
+    if len(node_ids) != len(weights):
+        raise ValueError(f"{len(node_ids)} node ids but {len(weights)} weights")
+    if not 0 < len(node_ids) <= 4096 or n_threads < 0 or n_rows < 0 or row_bytes <= 0 or page_bytes <= 0:
+        raise ValueError(f"plan: nodes={len(node_ids)} threads={n_threads} rows={n_rows} row_bytes={row_bytes} "
+                         f"page_bytes={page_bytes}: out of range")
+    bind()
+    threads = ffi.new("int[]", len(node_ids))
+    s = ffi.new("struct ggml_backend_cpu_numa_split *")
+    _call(lib.nl_numa_plan(n_threads, len(node_ids), list(node_ids), list(weights), n_rows, row_bytes, data,
+                           page_bytes, threads, s), "ggml_backend_cpu_numa_plan")
+    return Split(_split(s), tuple(threads))
 
 
 def stats() -> dict[str, int]:
     """Page counts of every placement so far (in_place + moved + failed + boundary == pages)."""
-    st = _Stats()
-    _hook("ggml_backend_cpu_numa_stats", None, ctypes.POINTER(_Stats))(ctypes.byref(st))
+    bind()
+    st = ffi.new("struct ggml_backend_cpu_numa_stats *")
+    _call(lib.nl_numa_stats(st), "ggml_backend_cpu_numa_stats")
     return {name: getattr(st, name) for name in _STAT_FIELDS}
 
 
@@ -133,59 +154,31 @@ def barrier_stats(n_threads: int, reset: bool = False) -> list[BarrierWait]:
 
     All zero where the stock barrier runs (one node, or another strategy).
     """
-    out = (_BarrierStats * n_threads)()
-    fn = _hook("ggml_backend_cpu_numa_barrier_stats", ctypes.c_int, ctypes.c_int, ctypes.POINTER(_BarrierStats),
-               ctypes.c_bool)
-    fn(n_threads, out, reset)
-    return [BarrierWait(i, s.waits, s.wait_ns) for i, s in enumerate(out)]
+    bind()
+    out = ffi.new("struct ggml_backend_cpu_numa_barrier_stats[]", n_threads)
+    _call(lib.nl_numa_barrier_stats(n_threads, out, reset), "ggml_backend_cpu_numa_barrier_stats")
+    return [BarrierWait(i, out[i].waits, out[i].wait_ns) for i in range(n_threads)]
 
 
 def placements() -> list[Placement]:
-    fn = _hook("ggml_backend_cpu_numa_placement", ctypes.c_bool, ctypes.c_size_t, ctypes.POINTER(_Placement))
+    bind()
     out: list[Placement] = []
-    p = _Placement()
-    while fn(len(out), ctypes.byref(p)):
-        s = p.split
-        slabs = tuple(Slab(s.node[k], s.row_begin[k], s.row_begin[k + 1]) for k in range(s.n_slabs))
-        out.append(Placement(p.name.decode(), p.data, p.nbytes, p.row_bytes, p.matrix_bytes, p.n_rows,
-                             p.n_matrices, p.n_threads, p.page_bytes, slabs))
+    p = ffi.new("struct ggml_backend_cpu_numa_placement *")
+    while _call(lib.nl_numa_placement(len(out), p), "ggml_backend_cpu_numa_placement") == 1:
+        out.append(Placement(ffi.string(p.name).decode(), int(ffi.cast("uintptr_t", p.data)), p.nbytes, p.row_bytes,
+                             p.matrix_bytes, p.n_rows, p.n_matrices, p.n_threads, p.page_bytes, _split(p.split)))
     return out
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def page_nodes(addresses: Sequence[int]) -> list[int]:
-    """The kernel's answer: the node of each page (or -errno, e.g. -ENOENT for a page not present)."""
-    nr = _SYS_MOVE_PAGES.get(os.uname().machine)
-    if nr is None:
-        raise OSError(f"move_pages: unknown syscall number on {os.uname().machine}")
-    n = len(addresses)
-    pages = (ctypes.c_void_p * n)(*addresses)
-    status = (ctypes.c_int * n)()
-    if _libc.syscall(nr, 0, ctypes.c_ulong(n), pages, None, status, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"move_pages (query of {n} pages): {os.strerror(err)}")
-    return list(status)
-
-
-def page_spans(lo: int, hi: int, page: int) -> Iterator[tuple[int, int]]:
-    """(page address, bytes of [lo, hi) in that page), for every page that [lo, hi) touches."""
-    addr = lo // page * page
-    while addr < hi:
-        yield addr, min(hi, addr + page) - max(lo, addr)
-        addr += page
 
 
 def slab_locality() -> dict[int, float]:
     """Per node: the fraction of the bytes of its slabs (all placed weights) that the kernel reports on it.
 
-    Where the kernels follow the split plan (the generic ``mul_mat`` path as of
-    patch 0004: each node's threads multiply only its slab's rows), this is the
-    fraction of matmul weight bytes that node's threads read from their own
-    node. Pages are asked of the kernel, not taken from the series' counts.
+    Where the kernels follow the split plan (each node's threads multiply only
+    its slab's rows), this is the fraction of matmul weight bytes that node's
+    threads read from their own node. Pages are asked of the kernel, not taken
+    from the series' counts.
     """
-    base_page = os.sysconf("SC_PAGESIZE")
+    base_page = kernel.page_size()
     local: dict[int, int] = {}
     total: dict[int, int] = {}
     for p in placements():
@@ -198,3 +191,79 @@ def slab_locality() -> dict[int, float]:
                     if node == s.node:
                         local[s.node] = local.get(s.node, 0) + nbytes
     return {node: local.get(node, 0) / total[node] for node in sorted(total)}
+
+
+def type_name(type_id: int) -> str:
+    bind()
+    return ffi.string(lib.nl_type_name(type_id)).decode()
+
+
+def row_bytes(type_id: int, ne0: int) -> int:
+    bind()
+    return int(lib.nl_row_bytes(type_id, ne0))
+
+
+def type_block(type_id: int) -> int:
+    bind()
+    return int(lib.nl_type_block(type_id))
+
+
+class Weight:
+    """A weight tensor in a CPU buffer marked WEIGHTS, multiplied by the CPU backend (the harness in ``_native``).
+
+    Under ``--numa migrate`` on several nodes, the first product with a thread
+    count places it, as a model's weights are placed; ``free()`` returns the
+    memory, which the next weight may reuse.
+    """
+
+    def __init__(self, name: str, type_id: int, ne0: int, ne1: int, ne2: int = 1) -> None:
+        bind()
+        err = ffi.new("char[]", 256)
+        self._w = lib.nl_weight_new(name.encode(), type_id, ne0, ne1, ne2, err, 256)
+        if self._w == ffi.NULL:
+            raise MemoryError(ffi.string(err).decode())
+        self.name, self.type_id, self.shape = name, type_id, (ne0, ne1, ne2)
+
+    def _live(self):
+        if self._w is None:
+            raise ValueError(f"weight {self.name} was freed")
+        return self._w
+
+    @property
+    def data(self) -> int:
+        return int(lib.nl_weight_data(self._live()))
+
+    @property
+    def nbytes(self) -> int:
+        return int(lib.nl_weight_nbytes(self._live()))
+
+    @property
+    def row_bytes(self) -> int:
+        return int(lib.nl_weight_row_bytes(self._live()))
+
+    @property
+    def matrix_bytes(self) -> int:
+        return int(lib.nl_weight_matrix_bytes(self._live()))
+
+    def set(self, data: bytes) -> None:
+        if lib.nl_weight_set(self._live(), data, len(data)) != 0:
+            raise ValueError(f"{self.name}: {len(data)} bytes given, the tensor has {self.nbytes}")
+
+    def mul(self, x: bytes, n_cols: int, n_threads: int) -> bytes:
+        """w @ x, x being n_cols f32 columns per matrix (bytes in, f32 bytes out)."""
+        ne0, ne1, ne2 = self.shape
+        if len(x) != 4 * ne0 * n_cols * ne2:
+            raise ValueError(f"{self.name}: x has {len(x)} bytes, {4 * ne0 * n_cols * ne2} expected")
+        out = ffi.new("float[]", ne1 * n_cols * ne2)
+        err = ffi.new("char[]", 256)
+        if lib.nl_weight_mul(self._live(), n_threads, n_cols, ffi.from_buffer("float[]", x), out, err, 256) != 0:
+            raise RuntimeError(f"{self.name}: {ffi.string(err).decode()}")
+        return bytes(ffi.buffer(out))
+
+    def free(self) -> None:
+        if self._w is not None:
+            lib.nl_weight_free(self._w)
+            self._w = None
+
+    def __del__(self) -> None:
+        self.free()

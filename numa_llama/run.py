@@ -9,7 +9,7 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp import Llama
 
-from numa_llama.nodes import online_nodes
+from numa_llama.sysfs import online_nodes
 
 
 @dataclass(frozen=True)

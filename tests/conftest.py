@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+
+if os.environ.get("NUMA_VM") and os.environ.get("NUMA_VM_SCRATCH"):  # the guest's checkout is read-only
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(os.environ["NUMA_VM_SCRATCH"], "hypothesis"))
+
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "build"))  # the series/fetch/compile tools are scripts, not a package
@@ -17,6 +21,9 @@ sys.path.insert(0, str(ROOT / "build"))  # the series/fetch/compile tools are sc
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("expensive", max_examples=2000, deadline=None)
+# for breaking the series on purpose: no explicit examples, so what fails is found and shrunk by hypothesis
+settings.register_profile("sabotage", max_examples=1000, deadline=None, phases=[Phase.generate, Phase.shrink],
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 if os.environ.get("NUMA_VM"):  # in a guest the checkout is read-only: no example database
     settings.register_profile("guest", parent=settings.get_profile(settings._current_profile), database=None)

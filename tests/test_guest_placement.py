@@ -77,36 +77,6 @@ def test_pages_are_where_the_plan_says(model_path: Path, use_mmap: bool, per_nod
     assert min(locality.values()) >= (0.98 if use_mmap else 0.5), locality  # measured 99.1-100% with mmap
 
 
-LOGITS = """
-import json, hashlib
-import numpy as np
-from llama_cpp import Llama
-from pydoc_data.topics import topics
-llm = Llama({model!r}, numa={numa!r}, n_threads={threads}, n_ctx=128, use_mmap={mmap}, logits_all=True, verbose=False)
-tokens = llm.tokenize(topics["assert"][:300].encode())[:24]
-llm.eval(tokens)
-scores = np.ascontiguousarray(llm.scores[: len(tokens)], dtype=np.float32)
-print(json.dumps({{"n": len(tokens), "sha256": hashlib.sha256(scores.tobytes()).hexdigest()}}))
-"""
-
-
-@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "no-mmap"])
-@pytest.mark.parametrize("per_node", [1, 2, 3, 4], ids=[f"{n}-threads-per-node" for n in (1, 2, 3, 4)])
-def test_logits_are_bitwise_those_of_numa_off(model_path: Path, use_mmap: bool, per_node: int) -> None:
-    """Placement moves pages, never values: every logit of a prose prompt is bitwise the same.
-
-    Each thread count is compared with numa off at the same thread count; the guest has one CPU per node, so
-    2-4 threads per node are more threads than CPUs (the fault case, too).
-    """
-    threads = per_node * len(nodes_with_cpus())
-    off, migrate = (run_json(LOGITS.format(model=str(model_path), numa=numa, threads=threads, mmap=use_mmap))
-                    for numa in (False, "migrate"))
-    assert off["n"] == migrate["n"] == 24
-    assert off["sha256"] == migrate["sha256"]
-    print(f"logits, {threads} threads ({per_node} per node), mmap={use_mmap}: 24 tokens x vocab, sha256 "
-          f"{off['sha256'][:16]} off and migrate")
-
-
 HOLDER = """
 import ctypes, mmap, os, sys
 f = open({model!r}, "rb")
@@ -151,7 +121,7 @@ if os.environ.get("NUMA_VM") and {strategy!r} == "distribute":  # a cold page ca
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
 from llama_cpp import Llama
-from numa_llama.locality import decode_locality
+from numa_llama.decode import decode_locality
 llm = Llama({model!r}, numa={strategy!r}, n_threads={threads}, n_ctx=64, verbose=False)
 llm.create_completion("Paris is", max_tokens=2, temperature=0.0)
 loc = decode_locality({model!r}, {strategy!r}, {threads})

@@ -1,0 +1,399 @@
+"""cffi (API mode, out of line) build of ``numa_llama._native``: the kernel's answers and the series' hooks.
+
+``setup.py`` names this file in ``cffi_modules``; it can also be run by hand
+(``python numa_llama/_native_build.py``) to build the module in place.
+
+Two halves, kept apart on purpose:
+
+* **the kernel oracle**: ``move_pages(2)`` as a query, ``get_mempolicy(2)``,
+  ``getcpu(2)`` and the process's affinity, as raw syscalls (no libnuma). It
+  does not depend on the series: it is what the series is checked against.
+* **the series' C API**: the ``ggml_backend_cpu_numa_*`` hooks, typed by the
+  patched ``ggml-cpu.h`` itself (the compiler checks every struct and
+  signature against it), reached in the libraries that ``llama_cpp`` already
+  loaded: ``dlopen(RTLD_NOLOAD)`` fails rather than load a second copy.
+  Beside them, a small weight harness on ggml's own API (a weight in a
+  WEIGHTS buffer multiplied by the CPU backend), so placement can be tested
+  on any shape and type without a model file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent.parent
+GGML_INCLUDE = ROOT / "vendor" / "llama-cpp-python" / "vendor" / "llama.cpp" / "ggml" / "include"
+
+CDEF = """
+#define GGML_CPU_NUMA_MAX_SLABS 64
+
+struct ggml_backend_cpu_numa_split {
+    int     n_slabs;
+    int     node[64];
+    int64_t row_begin[65];
+};
+
+struct ggml_backend_cpu_numa_placement {
+    const char * name;
+    const void * data;
+    size_t       nbytes;
+    size_t       row_bytes;
+    size_t       matrix_bytes;
+    int64_t      n_rows;
+    int64_t      n_matrices;
+    int          n_threads;
+    size_t       page_bytes;
+    struct ggml_backend_cpu_numa_split split;
+};
+
+struct ggml_backend_cpu_numa_stats {
+    int64_t tensors;
+    int64_t pages;
+    int64_t pages_in_place;
+    int64_t pages_moved;
+    int64_t pages_failed;
+    int64_t pages_boundary;
+    int64_t failed_eacces;
+    int64_t failed_ebusy;
+    int64_t failed_enomem;
+    int64_t failed_cpuset;
+    int64_t failed_other;
+};
+
+struct ggml_backend_cpu_numa_barrier_stats {
+    int64_t waits;
+    int64_t wait_ns;
+};
+
+/* the kernel: each returns 0 (or a count) on success, -errno on failure */
+long nl_move_pages_query(unsigned long count, void ** pages, int * status);
+long nl_get_mempolicy(int * mode, unsigned long * nodemask, unsigned long maxnode, void * addr, unsigned long flags);
+long nl_getcpu(unsigned int * cpu, unsigned int * node);
+long nl_affinity(int * cpus, int max_cpus);
+long nl_page_size(void);
+
+/* the series, in the library llama_cpp loaded: nl_bind first (0, or -1 with a message in err) */
+int  nl_bind(const char * library, char * err, size_t err_len);
+int  nl_has_hook(const char * name);
+int  nl_numa_layout(int n_threads, int * thread_node);
+int  nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, int n_threads,
+                      struct ggml_backend_cpu_numa_split * split);
+int  nl_numa_plan(int n_threads, int n_nodes, const int * node_id, const double * weight, int64_t n_rows,
+                  size_t row_bytes, size_t data, size_t page_bytes, int * threads,
+                  struct ggml_backend_cpu_numa_split * split);
+int  nl_numa_placement(size_t i, struct ggml_backend_cpu_numa_placement * placement);
+int  nl_numa_stats(struct ggml_backend_cpu_numa_stats * stats);
+int  nl_numa_barrier_stats(int n, struct ggml_backend_cpu_numa_barrier_stats * stats, bool reset);
+
+/* ggml's own facts about a type */
+int64_t nl_type_block(int type);
+size_t  nl_row_bytes(int type, int64_t ne0);
+const char * nl_type_name(int type);
+
+/* the weight harness */
+struct nl_weight;
+struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2, char * err,
+                                 size_t err_len);
+int      nl_weight_set(struct nl_weight * w, const void * bytes, size_t n);
+int      nl_weight_mul(struct nl_weight * w, int n_threads, int n_cols, const float * x, float * out, char * err,
+                       size_t err_len);
+uintptr_t nl_weight_data(struct nl_weight * w);
+size_t   nl_weight_nbytes(struct nl_weight * w);
+size_t   nl_weight_row_bytes(struct nl_weight * w);
+size_t   nl_weight_matrix_bytes(struct nl_weight * w);
+void     nl_weight_free(struct nl_weight * w);
+"""
+
+SOURCE = r"""
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
+#include <errno.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+static long nl_ret(long rv) { return rv < 0 ? -errno : rv; }
+
+long nl_move_pages_query(unsigned long count, void ** pages, int * status) {
+    /* nodes == NULL: move nothing, report the node of each page in status (or -errno for that page) */
+    return nl_ret(syscall(SYS_move_pages, 0, count, pages, NULL, status, 0));
+}
+
+long nl_get_mempolicy(int * mode, unsigned long * nodemask, unsigned long maxnode, void * addr, unsigned long flags) {
+    return nl_ret(syscall(SYS_get_mempolicy, mode, nodemask, maxnode, addr, flags));
+}
+
+long nl_getcpu(unsigned int * cpu, unsigned int * node) {
+    return nl_ret(syscall(SYS_getcpu, cpu, node, NULL));
+}
+
+long nl_affinity(int * cpus, int max_cpus) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) {
+        return -errno;
+    }
+    long n = 0;
+    for (int c = 0; c < CPU_SETSIZE && n < max_cpus; ++c) {
+        if (CPU_ISSET(c, &set)) {
+            cpus[n++] = c;
+        }
+    }
+    return n;
+}
+
+long nl_page_size(void) { return sysconf(_SC_PAGESIZE); }
+
+/* -- the series, in the libraries llama_cpp loaded ---------------------------------------------------------- */
+
+#define NL_SYMBOLS(X)                                                                                             \
+    X(ggml_backend_dev_by_type) X(ggml_backend_dev_backend_reg) X(ggml_backend_reg_get_proc_address)             \
+    X(ggml_backend_dev_init) X(ggml_backend_dev_buffer_type) X(ggml_backend_free) X(ggml_backend_graph_compute)  \
+    X(ggml_backend_alloc_ctx_tensors_from_buft) X(ggml_backend_buffer_set_usage) X(ggml_backend_buffer_free)     \
+    X(ggml_backend_tensor_set) X(ggml_backend_tensor_get) X(ggml_init) X(ggml_free) X(ggml_new_tensor_3d)        \
+    X(ggml_set_name) X(ggml_mul_mat) X(ggml_new_graph) X(ggml_build_forward_expand) X(ggml_nbytes)               \
+    X(ggml_row_size) X(ggml_blck_size) X(ggml_type_name) X(ggml_tensor_overhead) X(ggml_graph_overhead)
+
+#define NL_DECLARE(name) static __typeof__(name) * p_##name;
+NL_SYMBOLS(NL_DECLARE)
+
+static ggml_backend_reg_t                    g_cpu_reg;
+static ggml_backend_dev_t                    g_cpu_dev;
+static ggml_backend_set_n_threads_t          p_set_n_threads;
+static ggml_backend_cpu_numa_layout_t        p_layout;
+static ggml_backend_cpu_numa_split_t         p_split;
+static ggml_backend_cpu_numa_plan_t          p_plan;
+static ggml_backend_cpu_numa_placement_t     p_placement;
+static ggml_backend_cpu_numa_stats_t         p_stats;
+static ggml_backend_cpu_numa_barrier_stats_t p_barrier_stats;
+
+static void nl_err(char * err, size_t len, const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, len, fmt, ap);
+    va_end(ap);
+}
+
+int nl_bind(const char * library, char * err, size_t err_len) {
+    /* RTLD_NOLOAD: the library llama_cpp loaded, or nothing; never a second copy with its own state */
+    void * h = dlopen(library, RTLD_NOW | RTLD_NOLOAD);
+    if (h == NULL) {
+        nl_err(err, err_len, "%s is not loaded in this process (import llama_cpp first): %s", library, dlerror());
+        return -1;
+    }
+#define NL_RESOLVE(name)                                                                                          \
+    p_##name = (__typeof__(name) *) dlsym(h, #name);                                                            \
+    if (p_##name == NULL) {                                                                                       \
+        nl_err(err, err_len, "%s (and the libraries it links) has no symbol %s", library, #name);               \
+        return -1;                                                                                                \
+    }
+    NL_SYMBOLS(NL_RESOLVE)
+    g_cpu_dev = p_ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (g_cpu_dev == NULL) {
+        nl_err(err, err_len, "no CPU backend is registered in %s (a GGML_BACKEND_DL build whose CPU library was "
+                             "not found?)", library);
+        return -1;
+    }
+    g_cpu_reg       = p_ggml_backend_dev_backend_reg(g_cpu_dev);
+    p_set_n_threads =
+        (ggml_backend_set_n_threads_t) p_ggml_backend_reg_get_proc_address(g_cpu_reg, "ggml_backend_set_n_threads");
+#define NL_HOOK(var, name) var = (__typeof__(var)) p_ggml_backend_reg_get_proc_address(g_cpu_reg, name);
+    NL_HOOK(p_layout, "ggml_backend_cpu_numa_layout")
+    NL_HOOK(p_split, "ggml_backend_cpu_numa_split")
+    NL_HOOK(p_plan, "ggml_backend_cpu_numa_plan")
+    NL_HOOK(p_placement, "ggml_backend_cpu_numa_placement")
+    NL_HOOK(p_stats, "ggml_backend_cpu_numa_stats")
+    NL_HOOK(p_barrier_stats, "ggml_backend_cpu_numa_barrier_stats")
+    return 0;
+}
+
+int nl_has_hook(const char * name) {
+    return g_cpu_reg != NULL && p_ggml_backend_reg_get_proc_address(g_cpu_reg, name) != NULL;
+}
+
+/* each returns -ENOSYS where the loaded CPU backend lacks the hook */
+int nl_numa_layout(int n_threads, int * thread_node) {
+    return p_layout ? p_layout(n_threads, thread_node) : -ENOSYS;
+}
+
+int nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, int n_threads,
+                     struct ggml_backend_cpu_numa_split * split) {
+    if (!p_split) {
+        return -ENOSYS;
+    }
+    /* a tensor header only: the plan reads ne, nb, data and (for the page size) the buffer */
+    struct ggml_tensor t;
+    memset(&t, 0, sizeof(t));
+    t.type  = (enum ggml_type) type;
+    t.ne[0] = ne0;
+    t.ne[1] = ne1;
+    t.ne[2] = t.ne[3] = 1;
+    t.nb[1] = p_ggml_row_size(t.type, ne0);
+    t.nb[2] = t.nb[3] = t.nb[1] * ne1;
+    t.data  = (void *) data;
+    p_split(&t, n_threads, split);
+    return 0;
+}
+
+int nl_numa_plan(int n_threads, int n_nodes, const int * node_id, const double * weight, int64_t n_rows,
+                 size_t row_bytes, size_t data, size_t page_bytes, int * threads,
+                 struct ggml_backend_cpu_numa_split * split) {
+    if (!p_plan) {
+        return -ENOSYS;
+    }
+    p_plan(n_threads, n_nodes, node_id, weight, n_rows, row_bytes, data, page_bytes, threads, split);
+    return 0;
+}
+
+int nl_numa_placement(size_t i, struct ggml_backend_cpu_numa_placement * placement) {
+    return p_placement ? (p_placement(i, placement) ? 1 : 0) : -ENOSYS;
+}
+
+int nl_numa_stats(struct ggml_backend_cpu_numa_stats * stats) {
+    if (!p_stats) {
+        return -ENOSYS;
+    }
+    p_stats(stats);
+    return 0;
+}
+
+int nl_numa_barrier_stats(int n, struct ggml_backend_cpu_numa_barrier_stats * stats, bool reset) {
+    return p_barrier_stats ? p_barrier_stats(n, stats, reset) : -ENOSYS;
+}
+
+int64_t nl_type_block(int type) { return p_ggml_blck_size((enum ggml_type) type); }
+
+size_t nl_row_bytes(int type, int64_t ne0) { return p_ggml_row_size((enum ggml_type) type, ne0); }
+
+const char * nl_type_name(int type) { return p_ggml_type_name((enum ggml_type) type); }
+
+/* -- the weight harness -------------------------------------------------------------------------------------- */
+
+struct nl_weight {
+    struct ggml_context *  ctx;
+    ggml_backend_buffer_t  buf;
+    ggml_backend_t         backend;
+    struct ggml_tensor *   w;
+};
+
+void nl_weight_free(struct nl_weight * w) {
+    if (w == NULL) {
+        return;
+    }
+    if (w->backend) {
+        p_ggml_backend_free(w->backend);
+    }
+    if (w->buf) {
+        p_ggml_backend_buffer_free(w->buf);
+    }
+    if (w->ctx) {
+        p_ggml_free(w->ctx);
+    }
+    free(w);
+}
+
+struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2, char * err,
+                                 size_t err_len) {
+    if (g_cpu_dev == NULL) {
+        nl_err(err, err_len, "nl_bind has not been called");
+        return NULL;
+    }
+    struct nl_weight * w = calloc(1, sizeof(*w));
+    struct ggml_init_params params = { p_ggml_tensor_overhead() * 4, NULL, true };
+    w->ctx = p_ggml_init(params);
+    w->w   = p_ggml_new_tensor_3d(w->ctx, (enum ggml_type) type, ne0, ne1, ne2);
+    p_ggml_set_name(w->w, name);
+    /* the CPU buffer type, marked WEIGHTS: what llama.cpp does with a model's tensors */
+    w->buf = p_ggml_backend_alloc_ctx_tensors_from_buft(w->ctx, p_ggml_backend_dev_buffer_type(g_cpu_dev));
+    if (w->buf == NULL) {
+        nl_err(err, err_len, "cannot allocate %zu bytes for %s", p_ggml_nbytes(w->w), name);
+        nl_weight_free(w);
+        return NULL;
+    }
+    p_ggml_backend_buffer_set_usage(w->buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    w->backend = p_ggml_backend_dev_init(g_cpu_dev, NULL);
+    if (w->backend == NULL) {
+        nl_err(err, err_len, "cannot start the CPU backend");
+        nl_weight_free(w);
+        return NULL;
+    }
+    return w;
+}
+
+int nl_weight_set(struct nl_weight * w, const void * bytes, size_t n) {
+    if (n != p_ggml_nbytes(w->w)) {
+        return -EINVAL;
+    }
+    p_ggml_backend_tensor_set(w->w, bytes, 0, n);
+    return 0;
+}
+
+int nl_weight_mul(struct nl_weight * w, int n_threads, int n_cols, const float * x, float * out, char * err,
+                  size_t err_len) {
+    /* out = w x for x of n_cols columns (per matrix): a graph of one mul_mat, computed by the CPU backend, which
+       under --numa migrate places w before it multiplies (the path a model's weights take) */
+    const int64_t ne0 = w->w->ne[0], ne1 = w->w->ne[1], ne2 = w->w->ne[2];
+    struct ggml_init_params params = { p_ggml_tensor_overhead() * 8 + p_ggml_graph_overhead(), NULL, true };
+    struct ggml_context * ctx = p_ggml_init(params);
+    struct ggml_tensor * xt = p_ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, n_cols, ne2);
+    struct ggml_tensor * yt = p_ggml_mul_mat(ctx, w->w, xt);
+    struct ggml_cgraph * gf = p_ggml_new_graph(ctx);
+    p_ggml_build_forward_expand(gf, yt);
+    ggml_backend_buffer_t buf =
+        p_ggml_backend_alloc_ctx_tensors_from_buft(ctx, p_ggml_backend_dev_buffer_type(g_cpu_dev));
+    if (buf == NULL) {
+        nl_err(err, err_len, "cannot allocate the activations");
+        p_ggml_free(ctx);
+        return -ENOMEM;
+    }
+    p_ggml_backend_tensor_set(xt, x, 0, p_ggml_nbytes(xt));
+    if (p_set_n_threads) {
+        p_set_n_threads(w->backend, n_threads);
+    }
+    const enum ggml_status st = p_ggml_backend_graph_compute(w->backend, gf);
+    if (st == GGML_STATUS_SUCCESS) {
+        p_ggml_backend_tensor_get(yt, out, 0, (size_t) ne1 * n_cols * ne2 * sizeof(float));
+    } else {
+        nl_err(err, err_len, "graph compute failed (status %d)", (int) st);
+    }
+    p_ggml_backend_buffer_free(buf);
+    p_ggml_free(ctx);
+    return st == GGML_STATUS_SUCCESS ? 0 : -EIO;
+}
+
+uintptr_t nl_weight_data(struct nl_weight * w) { return (uintptr_t) w->w->data; }
+
+size_t nl_weight_nbytes(struct nl_weight * w) { return p_ggml_nbytes(w->w); }
+
+size_t nl_weight_row_bytes(struct nl_weight * w) { return w->w->nb[1]; }
+
+size_t nl_weight_matrix_bytes(struct nl_weight * w) { return w->w->nb[2]; }
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "numa_llama._native",
+    SOURCE,
+    include_dirs=[str(GGML_INCLUDE)],
+    libraries=["dl"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(ROOT), verbose=True)
