@@ -69,6 +69,7 @@ struct ggml_backend_cpu_numa_barrier_stats {
 
 /* the kernel: each returns 0 (or a count) on success, -errno on failure */
 long nl_move_pages_query(unsigned long count, void ** pages, int * status);
+long nl_move_pages_to(unsigned long count, void ** pages, const int * nodes, int * status);
 long nl_get_mempolicy(int * mode, unsigned long * nodemask, unsigned long maxnode, void * addr, unsigned long flags);
 long nl_getcpu(unsigned int * cpu, unsigned int * node);
 long nl_affinity(int * cpus, int max_cpus);
@@ -132,6 +133,11 @@ static long nl_ret(long rv) { return rv < 0 ? -errno : rv; }
 long nl_move_pages_query(unsigned long count, void ** pages, int * status) {
     /* nodes == NULL: move nothing, report the node of each page in status (or -errno for that page) */
     return nl_ret(syscall(SYS_move_pages, 0, count, pages, NULL, status, 0));
+}
+
+long nl_move_pages_to(unsigned long count, void ** pages, const int * nodes, int * status) {
+    /* MPOL_MF_MOVE: this process's private pages only, as llama.cpp's placement moves them */
+    return nl_ret(syscall(SYS_move_pages, 0, count, pages, nodes, status, 1 << 1));
 }
 
 long nl_get_mempolicy(int * mode, unsigned long * nodemask, unsigned long maxnode, void * addr, unsigned long flags) {

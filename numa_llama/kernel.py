@@ -61,6 +61,22 @@ def page_nodes(addresses: Sequence[int]) -> list[int]:
     return list(status)
 
 
+def move_pages(addresses: Sequence[int], node: int) -> list[int]:
+    """Move this process's pages to ``node`` (``move_pages(2)``, ``MPOL_MF_MOVE``); per page its node or -errno.
+
+    Not used by the library: tests use it to put memory in a known place before the series acts on it.
+    """
+    n = len(addresses)
+    if n == 0:
+        return []
+    pages = ffi.new("void *[]", [ffi.cast("void *", a) for a in addresses])
+    nodes = ffi.new("int[]", [node] * n)
+    status = ffi.new("int[]", n)
+    _check(lib.nl_move_pages_to(n, pages, nodes, status),
+           f"move_pages ({n} page(s) from {addresses[0]:#x} to node {node})")
+    return list(status)
+
+
 def page_spans(lo: int, hi: int, page: int) -> Iterator[tuple[int, int]]:
     """(page address, bytes of [lo, hi) in that page), for every page that [lo, hi) touches."""
     addr = lo // page * page
