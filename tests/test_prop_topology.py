@@ -16,21 +16,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from numa_llama.sysfs import TopologyError, parse_list, read_topology
+from numa_llama.sysfs import TopologyError, format_list, parse_list, read_topology
 
 
 def kernel_list(values: set[int] | list[int]) -> str:
-    """The kernel's list format: sorted, consecutive runs as ranges."""
-    out: list[str] = []
+    """The kernel's list format, as the test writes it (independent of sysfs.format_list)."""
     vals = sorted(values)
-    i = 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ",".join(out)
+    runs: list[list[int]] = []
+    for v in vals:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 @dataclass(frozen=True)
@@ -110,6 +108,7 @@ def test_parser_agrees_with_the_model(m: Model) -> None:
 def test_list_format_round_trips(values: set[int]) -> None:
     """The kernel's list format reads back exactly what was written (ranges and singles)."""
     assert parse_list(kernel_list(values)) == sorted(values)
+    assert format_list(values) == kernel_list(values)
 
 
 CORRUPTIONS = ["cpulist-garbage", "cpulist-backwards", "cpu-on-two-nodes", "distance-short", "node-dir-missing",
