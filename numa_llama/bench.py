@@ -37,13 +37,36 @@ class Config:
     label: str
     exe: Path
     numa: str | None = None
+    prefix: tuple[str, ...] = ()  # a command to run it under (numactl -m 0 -N 0 for the one-node baseline)
+    threads: int | None = None  # its own thread count (the one-node baseline: that node's CPUs)
 
     def argv(self, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> list[str]:
-        args = [str(self.exe), "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
-                "-r", str(reps), "-o", "json"]
+        args = [*self.prefix, str(self.exe), "-m", str(model), "-t", str(self.threads or threads), "-p", str(pp),
+                "-n", str(tg), "-r", str(reps), "-o", "json"]
         if self.numa is not None:
             args += ["--numa", self.numa]
         return args
+
+
+def one_node_baseline(exe: Path, node: int, cpus: int) -> Config:
+    """PR #14232's recipe: the same binary confined to one node, memory and CPUs (``numactl -m N -N N``)."""
+    return Config(f"one-node (numactl -m {node} -N {node}, {cpus} threads)", exe, None,
+                  ("numactl", "-m", str(node), "-N", str(node)), cpus)
+
+
+def sweep_counts(per_node_cpus: Sequence[int]) -> list[int]:
+    """Thread counts to sweep: the same number on every node with CPUs, 1, 2, 4, ... up to the smallest node's
+    CPUs, then every CPU (the distributed-llama notes found fewer threads than CPUs often faster)."""
+    nodes = [c for c in per_node_cpus if c > 0]
+    if not nodes:
+        raise BenchError("no node has a usable CPU")
+    counts = []
+    k = 1
+    while k <= min(nodes):
+        counts.append(k * len(nodes))
+        k *= 2
+    counts.append(sum(nodes))
+    return sorted(set(counts))
 
 
 @dataclass

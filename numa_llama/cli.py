@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -112,11 +113,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs += [bench.Config(f"patched-{s}", patched, None if s == "off" else s) for s in strategies]
         if args.callgrind:
             return _bench_callgrind(bench, configs, model, args.callgrind, args.json)
-        res = bench.compare(configs, model, args.threads or os.cpu_count() or 1, rounds=args.rounds,
-                            pp=args.pp, tg=args.tg, reps=args.reps, progress=log)
+        from numa_llama.sysfs import read_topology  # noqa: PLC0415
+
+        topo = read_topology()
+        per_node = [len(n.usable_cpus) for n in topo.nodes]
+        if len(topo.compute_nodes()) >= 2 and not args.no_recipe:
+            # PR #14232's recipe on real hardware: one node (numactl -m 0 -N 0) is the baseline of the ratios
+            if shutil.which("numactl") is None:
+                raise bench.BenchError("this machine has several NUMA nodes: the one-node baseline runs under "
+                                       "numactl (apt-get install numactl), or pass --no-recipe")
+            node = topo.compute_nodes()[0]
+            configs.insert(0, bench.one_node_baseline(patched, node.id, len(node.usable_cpus)))
+            log(f"{len(topo.compute_nodes())} NUMA nodes: the baseline is {configs[0].label}")
+        counts = bench.sweep_counts(per_node) if args.sweep_threads else [args.threads or os.cpu_count() or 1]
+        results = []
+        for n in counts:
+            if len(counts) > 1:
+                log(f"sweep: {n} threads")
+            results.append(bench.compare(configs, model, n, rounds=args.rounds, pp=args.pp, tg=args.tg,
+                                         reps=args.reps, progress=log))
     except bench.BenchError as e:
         print(f"numa-llama: {e}", file=sys.stderr)
         return 1
+    if args.sweep_threads:
+        return _bench_sweep(results, args.json, args.markdown)
+    res = results[0]
     if args.markdown:
         Path(args.markdown).write_text(res.markdown() + "\n")
     if args.json:
@@ -125,6 +146,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"model {Path(res.model).name}, {res.threads} threads, {res.rounds} interleaved rounds "
           f"(medians; ratios are medians of within-round ratios)")
     print(res.markdown())
+    return 0
+
+
+def _bench_sweep(results: list, as_json: bool, markdown: str | None) -> int:
+    """One table over the thread counts: every configuration's median tokens/s, and the best count of each."""
+    tests = results[0].tests
+    labels = list(results[0].samples)
+    best = {lab: {t: max((r.median(lab, t), r.threads) for r in results) for t in tests} for lab in labels}
+    if as_json:
+        print(json.dumps({"sweep": [r.as_dict() for r in results],
+                          "best": {lab: {t: {"threads": n, "tokens_per_s": v} for t, (v, n) in per.items()}
+                                   for lab, per in best.items()}}, indent=2))
+        return 0
+    head = ["threads", "configuration", *(f"{t} t/s" for t in tests)]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        rows += [f"| {r.threads} | {lab} | " + " | ".join(f"{r.median(lab, t):.2f}" for t in tests) + " |"
+                 for lab in labels]
+    table = "\n".join(rows)
+    if markdown:
+        Path(markdown).write_text(table + "\n")
+    print(table)
+    for lab, per in best.items():
+        print(f"best for {lab}: " + ", ".join(f"{t} {v:.2f} t/s at {n} threads" for t, (v, n) in per.items()))
     return 0
 
 
@@ -322,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stock-bench", help="a stock llama-bench to use instead of building one")
     b.add_argument("--callgrind", type=int, default=0, metavar="N",
                    help="instead of timing, count decode instructions per token under callgrind (N and 2N tokens)")
+    b.add_argument("--sweep-threads", action="store_true",
+                   help="run every configuration at 1, 2, 4, ... threads per node and every CPU; report the best")
+    b.add_argument("--no-recipe", action="store_true",
+                   help="on a multi-node machine, do not add the one-node baseline (numactl -m 0 -N 0)")
     b.add_argument("--markdown", help="also write the table to this file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)

@@ -81,3 +81,18 @@ def test_ratio_is_the_median_of_within_round_ratios() -> None:
     assert res.ratios("patched", "tg128") == [0.99, 0.98, 1.01]
     assert res.ratio("patched", "tg128") == 0.99
     assert res.median("stock", "tg128") == 100.0
+
+
+def test_sweep_counts_are_equal_per_node_then_every_cpu() -> None:
+    assert bench.sweep_counts([2]) == [1, 2]
+    assert bench.sweep_counts([8, 8]) == [2, 4, 8, 16]
+    assert bench.sweep_counts([4, 0, 3]) == [2, 4, 7]  # a memory-only node gets no threads
+    with pytest.raises(bench.BenchError, match="no node has a usable CPU"):
+        bench.sweep_counts([0, 0])
+
+
+def test_one_node_baseline_runs_under_numactl_with_that_nodes_cpus() -> None:
+    cfg = bench.one_node_baseline(Path("/x/llama-bench"), 1, 12)
+    argv = cfg.argv(Path("m.gguf"), 48, 512, 128, 3)
+    assert argv[:5] == ["numactl", "-m", "1", "-N", "1"] and argv[5] == "/x/llama-bench"
+    assert argv[argv.index("-t") + 1] == "12" and "--numa" not in argv

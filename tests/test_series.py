@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from series import Series, SeriesError, git, parse_problems
 
 UPSTREAM = {
@@ -147,3 +148,30 @@ def test_committed_series_pass_check() -> None:
     for s in sync.all_series():
         s.log = lambda *_: None
         assert s.check() == [], s.display
+
+
+def test_provenance_names_the_pin_and_every_patch_with_its_forwarded_state() -> None:
+    import sync
+    from upstream import Pin
+
+    pin = Pin.load()
+    text = sync.provenance(pin)
+    assert pin.sha256 in text and pin.llama_cpp_commit in text
+    for s in sync.all_series():
+        for p in s.patches():
+            subject, forwarded = sync.patch_header(p)
+            assert f"`{p.name}`: {subject}. Forwarded: {forwarded}" in text
+            assert forwarded != "(missing)", p.name  # every patch says where it was sent
+    assert (ROOT / "patches" / "README.md").read_text() == text  # the committed file is current
+
+
+def test_check_fails_when_the_provenance_is_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import sync
+
+    stale = tmp_path / "README.md"
+    stale.write_text(sync.provenance(sync.Pin.load()).replace("Forwarded: no", "Forwarded: yes", 1))
+    monkeypatch.setattr(sync, "PROVENANCE", stale)
+    monkeypatch.setattr(sync, "ROOT", tmp_path)
+    assert sync.main(["check", "--series", "llama-cpp-python"]) == 1
+    assert "README.md is stale" in capsys.readouterr().err
