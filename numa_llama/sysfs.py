@@ -125,13 +125,6 @@ def read_topology(root: Path = SYSFS, allowed_cpus: tuple[int, ...] | None = Non
                   thp_file: Path = Path("/sys/kernel/mm/transparent_hugepage/enabled")) -> Topology:
     """Parse ``root/node`` and ``root/cpu/online``; ``allowed_*`` default to this process's (affinity, cpuset)."""
     node_dir = root / "node"
-    if (node_dir / "online").exists():
-        ids = parse_list(_read(node_dir / "online"), f"{node_dir / 'online'}")
-    else:  # a kernel without CONFIG_NUMA has no node directory: one node, everything on it
-        dirs = sorted(node_dir.glob("node[0-9]*")) if node_dir.is_dir() else []
-        ids = sorted(int(d.name[4:]) for d in dirs)
-    if not ids:
-        raise TopologyError(f"{node_dir}: no online NUMA node")
     cpu_online_file = root / "cpu" / "online"
     cpu_online = set(parse_list(_read(cpu_online_file), str(cpu_online_file))) if cpu_online_file.exists() else None
     if allowed_cpus is None or allowed_nodes is None:
@@ -139,6 +132,14 @@ def read_topology(root: Path = SYSFS, allowed_cpus: tuple[int, ...] | None = Non
 
         allowed_cpus = kernel.allowed_cpus() if allowed_cpus is None else allowed_cpus
         allowed_nodes = kernel.allowed_nodes() if allowed_nodes is None else allowed_nodes
+    if not node_dir.is_dir():
+        return _without_numa(root, proc, thp_file, cpu_online, allowed_cpus, allowed_nodes)
+    if (node_dir / "online").exists():
+        ids = parse_list(_read(node_dir / "online"), f"{node_dir / 'online'}")
+    else:
+        ids = sorted(int(d.name[4:]) for d in node_dir.glob("node[0-9]*"))
+    if not ids:
+        raise TopologyError(f"{node_dir}: no online NUMA node")
     owner: dict[int, int] = {}
     nodes: list[Node] = []
     for node_id in ids:
@@ -160,13 +161,32 @@ def read_topology(root: Path = SYSFS, allowed_cpus: tuple[int, ...] | None = Non
         distances = dict(zip(ids, (int(x) for x in dist_text), strict=True))
         nodes.append(Node(node_id, tuple(cpus), total, free, distances,
                           tuple(c for c in cpus if c in set(allowed_cpus)), node_id in set(allowed_nodes)))
+    return Topology(tuple(nodes), tuple(allowed_cpus), tuple(allowed_nodes), *_settings(proc, thp_file))
+
+
+def _settings(proc: Path, thp_file: Path) -> tuple[str | None, str | None]:
     balancing = proc / "sys" / "kernel" / "numa_balancing"
     thp = None
     if thp_file.exists():
         m = re.search(r"\[(\w+)\]", _read(thp_file))
         thp = m[1] if m else None
-    return Topology(tuple(nodes), tuple(allowed_cpus), tuple(allowed_nodes),
-                    _read(balancing).strip() if balancing.exists() else None, thp)
+    return (_read(balancing).strip() if balancing.exists() else None), thp
+
+
+def _without_numa(root: Path, proc: Path, thp_file: Path, cpu_online: set[int] | None,
+                  allowed_cpus: tuple[int, ...], allowed_nodes: tuple[int, ...]) -> Topology:
+    """A kernel built without CONFIG_NUMA has no node directory: one node 0 with every online CPU and all memory."""
+    if cpu_online is None:
+        raise TopologyError(f"{root}: neither node/ nor cpu/online: cannot tell the CPUs")
+    total = free = 0
+    meminfo = proc / "meminfo"
+    if meminfo.exists():
+        fields = dict(re.findall(r"(?m)^(\w+):\s+(\d+)", _read(meminfo)))
+        total, free = int(fields.get("MemTotal", 0)) * 1024, int(fields.get("MemFree", 0)) * 1024
+    cpus = tuple(sorted(cpu_online))
+    node = Node(0, cpus, total, free, {0: 10}, tuple(c for c in cpus if c in set(allowed_cpus)),
+                not allowed_nodes or 0 in allowed_nodes)
+    return Topology((node,), tuple(allowed_cpus), tuple(allowed_nodes) or (0,), *_settings(proc, thp_file))
 
 
 def online_nodes(root: Path = SYSFS) -> dict[int, list[int]]:

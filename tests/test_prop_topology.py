@@ -173,3 +173,16 @@ def test_this_machine_parses() -> None:
     assert topo.nodes and len({c for n in topo.nodes for c in n.cpus}) == sum(len(n.cpus) for n in topo.nodes)
     assert set(topo.allowed_nodes) <= set(topo.node_ids)
     assert topo.compute_nodes()
+
+
+def test_a_kernel_without_numa_is_one_node(tmp_path: Path) -> None:
+    """No node/ directory (CONFIG_NUMA off): one node 0 holding every online CPU and /proc/meminfo's memory."""
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "online").write_text("0-3\n")
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_text("MemTotal:  2048 kB\nMemFree:   1024 kB\n")
+    topo = read_topology(tmp_path, allowed_cpus=(1, 2), allowed_nodes=(0,), proc=tmp_path / "proc",
+                         thp_file=tmp_path / "thp")
+    (node,) = topo.nodes
+    assert (node.id, node.cpus, node.usable_cpus) == (0, (0, 1, 2, 3), (1, 2))
+    assert (node.memory_total, node.memory_free, node.distances) == (2048 * 1024, 1024 * 1024, {0: 10})
