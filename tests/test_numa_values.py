@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import llama_cpp
 import pytest
-from conftest import run_json
+from conftest import ROOT, run_json
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -80,3 +84,13 @@ def test_server_cli_parses_numa_names() -> None:
     add_args_from_model(parser, ModelSettings)
     args = parser.parse_args(["--model", "m.gguf", "--numa", "migrate"])
     assert parse_model_from_args(ModelSettings, args).numa == 5
+
+
+def test_the_bindings_own_numa_tests_pass(tmp_path: Path) -> None:
+    """The bindings patch carries a test in llama-cpp-python's own style; it passes against this build."""
+    test = ROOT / "vendor" / "llama-cpp-python" / "tests" / "test_numa.py"
+    assert test.is_file(), "patches/llama-cpp-python/0001 adds tests/test_numa.py"
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout
