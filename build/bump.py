@@ -36,20 +36,7 @@ from upstream import PIN_FILE, ROOT, FetchError, Pin, cache_dir, download, fetch
 def release_pin(version: str, log=print) -> Pin:
     """The pin of another release: its sdist fetched by pip (hash-checked against the index), then hashed here."""
     name = f"llama_cpp_python-{version}.tar.gz"
-    dest = cache_dir()
-    sdist = dest / name
-    if not sdist.exists():
-        probe = Pin(version, name, "0" * 64, "", "")
-        try:
-            download(probe, dest, log=log)
-        except FetchError as e:
-            if not sdist.exists() and "sha256 mismatch" not in str(e):
-                raise
-            rejected = sdist.with_name(name + ".rejected")
-            if rejected.exists():  # download() refuses a hash it was not told: it is this one, recorded below
-                rejected.replace(sdist)
-    if not sdist.exists():
-        raise FetchError(f"llama-cpp-python=={version}: no sdist was fetched")
+    sdist = download(Pin(version, name, "", "", ""), cache_dir(), log=log, check=False)
     commit, date = llama_cpp_commit(sdist)
     return Pin(version, name, sha256_of(sdist), commit, date)
 

@@ -15,6 +15,7 @@ upstream``) inside ``vendor/llama.cpp``, then ``export``.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from series import Series, SeriesError  # noqa: E402
+from series_style import parse_patch  # noqa: E402
 from upstream import ROOT, FetchError, Pin, fetch  # noqa: E402, F401 (fetch: setup.py)
 
 VENDOR = ROOT / "vendor"
@@ -38,19 +40,9 @@ UPSTREAM_REPOS = {"llama.cpp": "ggml-org/llama.cpp", "llama-cpp-python": "abetle
 
 def patch_header(path: Path) -> tuple[str, str]:
     """(subject, Forwarded state) of a git format-patch file."""
-    subject, forwarded, lines = "", "", path.read_text(errors="replace").splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("Subject: "):
-            subject = line.removeprefix("Subject: ").removeprefix("[PATCH] ")
-            for cont in lines[i + 1:]:  # RFC 2822 folding: continuation lines start with a space
-                if not cont.startswith(" "):
-                    break
-                subject += cont
-        elif line.startswith("Forwarded:"):
-            forwarded = line.split(":", 1)[1].strip()
-        elif line.startswith("---") and subject:
-            break
-    return subject, forwarded or "(missing)"
+    p = parse_patch(path)
+    m = re.search(r"(?m)^Forwarded:\s*(.+)$", p.message)
+    return p.subject, m[1].strip() if m else "(missing)"
 
 
 def provenance(pin: Pin, names: tuple[str, ...] = NAMES) -> str:

@@ -97,12 +97,17 @@ def _pip() -> list[str]:
     return [found]
 
 
-def download(pin: Pin, dest: Path, log=print) -> Path:
-    """Return the verified sdist in ``dest``, downloading it with pip if needed."""
+def download(pin: Pin, dest: Path, log=print, check: bool = True) -> Path:
+    """Return the verified sdist in ``dest``, downloading it with pip if needed.
+
+    ``check=False`` (a release not pinned yet, whose hash is what the caller wants to learn) trusts pip's own
+    check of the index's hash instead of the pin's.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     sdist = dest / pin.sdist
     if sdist.exists():
-        verify(sdist, pin)
+        if check:
+            verify(sdist, pin)
         return sdist
     log(f"fetching llama-cpp-python=={pin.version} (sdist) with pip ...")
     # --no-binary for this one package only: its build requirements may come
@@ -120,7 +125,8 @@ def download(pin: Pin, dest: Path, log=print) -> Path:
             f"  Put {pin.sdist} there (or set NUMA_LLAMA_CACHE) and run again.\n"
             f"  pip said: {tail}"
         )
-    verify(sdist, pin)
+    if check:
+        verify(sdist, pin)
     return sdist
 
 

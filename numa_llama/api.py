@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from numa_llama import hooks, kernel, sysfs
-from numa_llama.decode import Locality, decode_locality, mapped_weights, node_ranks, thread_rows
+from numa_llama.decode import Locality, Weight, decode_locality, mapped_weights, weights_locality
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -153,21 +153,8 @@ def locality(llm: Llama) -> Locality:
 
 def _placed_locality(n_threads: int) -> Locality:
     """decode_locality for migrate from the placed weights (no mmap: the series' records give the addresses)."""
-    thread_node = tuple(hooks.layout(n_threads))
-    ranks = node_ranks(thread_node)
-    page = kernel.page_size()
-    local = [0] * n_threads
-    read = [0] * n_threads
-    for p in hooks.placements():
-        rows = thread_rows("migrate", p.n_rows, n_threads, thread_node, p.slabs, ranks)
-        for e in range(p.n_matrices):
-            base = p.data + e * p.matrix_bytes
-            for i, (r0, r1) in enumerate(rows):
-                spans = list(kernel.page_spans(base + r0 * p.row_bytes, base + r1 * p.row_bytes, page))
-                for (_, nbytes), node in zip(spans, kernel.page_nodes([a for a, _ in spans]), strict=True):
-                    read[i] += nbytes
-                    local[i] += nbytes if node == thread_node[i] else 0
-    return Locality("migrate", n_threads, thread_node, tuple(local), tuple(read))
+    weights = [(Weight(p.name, p.data, p.n_rows, p.row_bytes, p.n_matrices), p.slabs) for p in hooks.placements()]
+    return weights_locality("migrate", tuple(hooks.layout(n_threads)), weights)
 
 
 @dataclass(frozen=True)

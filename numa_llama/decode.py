@@ -58,10 +58,44 @@ class Locality:
         return sum(self.local_bytes) / max(1, sum(self.read_bytes))
 
 
-def mapped_weights(model_path: str | os.PathLike[str], maps_text: str | None = None) -> list[Weight]:
-    """The matmul weights of a GGUF model mmap'd by this process, at their addresses in its mapping."""
+@dataclass(frozen=True)
+class GGUFWeight:
+    """A matmul weight as the GGUF file describes it (offset: from the start of the file)."""
+
+    name: str
+    type_name: str
+    ne0: int
+    n_rows: int
+    n_matrices: int
+    row_bytes: int
+    offset: int
+
+
+def gguf_weights(model_path: str | os.PathLike[str]) -> list[GGUFWeight]:
+    """The weights a forward pass multiplies by, read from the GGUF without loading the model."""
     import gguf  # noqa: PLC0415
 
+    reader = gguf.GGUFReader(model_path)
+    names = {t.name for t in reader.tensors}
+    out: list[GGUFWeight] = []
+    for t in reader.tensors:
+        shape = [int(x) for x in t.shape]  # ne0 (row length), ne1 (rows), ne2 (matrices) ...
+        if len(shape) < 2 or not t.name.endswith(".weight"):
+            continue
+        # the token embedding is read by get_rows, and multiplied only when the output matrix is tied to it
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        n_mat = 1
+        for x in shape[2:]:
+            n_mat *= x
+        out.append(GGUFWeight(t.name, t.tensor_type.name, shape[0], shape[1], n_mat, shape[0] // block * type_size,
+                              int(t.data_offset)))
+    return out
+
+
+def mapped_weights(model_path: str | os.PathLike[str], maps_text: str | None = None) -> list[Weight]:
+    """The matmul weights of a GGUF model mmap'd by this process, at their addresses in its mapping."""
     path = os.path.realpath(model_path)
     if maps_text is None:
         maps_text = Path("/proc/self/maps").read_text()
@@ -74,22 +108,7 @@ def mapped_weights(model_path: str | os.PathLike[str], maps_text: str | None = N
             break
     if base is None:
         raise LookupError(f"{path} is not mapped in this process (the model must be loaded with use_mmap=True)")
-    reader = gguf.GGUFReader(path)
-    names = {t.name for t in reader.tensors}
-    out: list[Weight] = []
-    for t in reader.tensors:
-        shape = [int(x) for x in t.shape]  # ne0 (row length), ne1 (rows), ne2 (matrices) ...
-        if len(shape) < 2 or not t.name.endswith(".weight"):
-            continue
-        # the token embedding is read by get_rows, and multiplied only when the output matrix is tied to it
-        if t.name == "token_embd.weight" and "output.weight" in names:
-            continue
-        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        n_mat = 1
-        for x in shape[2:]:
-            n_mat *= x
-        out.append(Weight(t.name, base + int(t.data_offset), shape[1], shape[0] // block * type_size, n_mat))
-    return out
+    return [Weight(w.name, base + w.offset, w.n_rows, w.row_bytes, w.n_matrices) for w in gguf_weights(path)]
 
 
 def _share(begin: int, end: int, rank: int, n: int) -> tuple[int, int]:
@@ -130,12 +149,19 @@ def decode_locality(model_path: str | os.PathLike[str], strategy: str, n_threads
     else:
         thread_node = tuple(nodes[i % len(nodes)] for i in range(n_threads))
         plans = {}
+    return weights_locality(strategy, thread_node, [(w, plans.get(w.address)) for w in mapped_weights(model_path)])
+
+
+def weights_locality(strategy: str, thread_node: tuple[int, ...],
+                     weights: Sequence[tuple[Weight, Sequence[hooks.Slab] | None]]) -> Locality:
+    """decode_locality's count, for weights (with migrate's split plan of each) found by any means."""
+    n_threads = len(thread_node)
     page = os.sysconf("SC_PAGESIZE")
     local = [0] * n_threads
     read = [0] * n_threads
     ranks = node_ranks(thread_node)  # the same for every weight
-    for w in mapped_weights(model_path):
-        rows = thread_rows(strategy, w.n_rows, n_threads, thread_node, plans.get(w.address), ranks)
+    for w, slabs in weights:
+        rows = thread_rows(strategy, w.n_rows, n_threads, thread_node, slabs, ranks)
         size = w.n_rows * w.row_bytes * w.n_matrices
         first = w.address // page * page
         pages = list(range(first, w.address + size, page))

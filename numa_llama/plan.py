@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from numa_llama import hooks, sysfs
+from numa_llama.decode import gguf_weights
 
 
 @dataclass(frozen=True)
@@ -150,30 +151,12 @@ def _remote_bytes(base: int, slabs: tuple[hooks.Slab, ...], row_bytes: int, page
     return remote
 
 
-def model_tensors(path: str | os.PathLike[str]):
-    """(name, type name, ne0, rows, matrices, row bytes, file offset) of each matmul weight in the GGUF."""
-    import gguf  # noqa: PLC0415
-
-    reader = gguf.GGUFReader(path)
-    names = {t.name for t in reader.tensors}
-    for t in reader.tensors:
-        shape = [int(x) for x in t.shape]
-        if len(shape) < 2 or not t.name.endswith(".weight"):
-            continue
-        if t.name == "token_embd.weight" and "output.weight" in names:
-            continue  # read by get_rows only; multiplied only when the output is tied to it
-        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        n_mat = 1
-        for x in shape[2:]:
-            n_mat *= x
-        yield t.name, t.tensor_type.name, shape[0], shape[1], n_mat, shape[0] // block * type_size, int(t.data_offset)
-
-
 def plan_model(path: str | os.PathLike[str], lay: Layout, page_bytes: int = 4096) -> ModelPlan:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no model file at {path}")
     plan = ModelPlan(str(path), lay, page_bytes)
-    for name, type_name, _ne0, rows, n_mat, row_bytes, offset in model_tensors(path):
+    for w in gguf_weights(path):
+        name, rows, n_mat, row_bytes, offset = w.name, w.n_rows, w.n_matrices, w.row_bytes, w.offset
         split = hooks.plan(lay.n_threads, list(lay.node_ids), list(lay.weights), rows, row_bytes, offset, page_bytes)
         node_bytes: dict[int, int] = {}
         for s in split.slabs:
@@ -181,6 +164,6 @@ def plan_model(path: str | os.PathLike[str], lay: Layout, page_bytes: int = 4096
         remote = sum(_remote_bytes(offset + e * rows * row_bytes, split.slabs, row_bytes, page_bytes)
                      for e in range(n_mat))
         m = re.match(r"(blk\.\d+)\.", name)
-        plan.tensors.append(TensorPlan(name, m[1] if m else name.removesuffix(".weight"), type_name,
+        plan.tensors.append(TensorPlan(name, m[1] if m else name.removesuffix(".weight"), w.type_name,
                                        rows * row_bytes * n_mat, split.slabs, node_bytes, remote))
     return plan
