@@ -74,6 +74,12 @@ def bound_pages(out: str) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
+def failure(out: str, err: str = "") -> str:
+    """What a failed run says: its failing lines first (a case's line can be far from the tail), then the tail."""
+    bad = [line for line in out.splitlines() if re.search(r"FAIL|DIFFERENT|off plan|Assertion|error", line)]
+    return "\n".join(["failing lines:", *bad, "--- tail of stdout:", out[-2000:], "--- tail of stderr:", err[-1500:]])
+
+
 def cases_passed(out: str) -> tuple[int, int]:
     m = re.search(r"test-cpu-numa: (\d+)/(\d+) cases passed", out)
     assert m, out[-2000:]
@@ -107,7 +113,7 @@ def test_barrier_under_thread_sanitizer(bins: dict[str, Path]) -> None:
 def test_backend_ops_mul_mat_with_migrate_on_one_node(bins: dict[str, Path]) -> None:
     """test-backend-ops -b CPU --numa migrate on the one-node host: every MUL_MAT case against the reference."""
     proc = run(bins["guest-avx2"] / "test-backend-ops", "-b", "CPU", "--numa", "migrate", "-t", 2, "-o", "MUL_MAT")
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
     assert backend_ops_passed(proc.stdout) > 1000
 
 
@@ -119,7 +125,7 @@ def test_backend_ops_refuses_an_unknown_strategy(bins: dict[str, Path]) -> None:
 
 def test_cpu_numa_on_one_node_runs_the_stock_path(bins: dict[str, Path]) -> None:
     proc = run(bins["guest"] / "test-cpu-numa", 2)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
     assert "one node: both runs take the stock path" in proc.stdout
     passed, ran = cases_passed(proc.stdout)
     assert passed == ran == 30  # 6 types x (3 mul_mat + 2 mul_mat_id); sse42 repacks none of them
@@ -156,7 +162,7 @@ def test_node_local_kernels_are_bitwise_stock(bins: dict[str, Path], extra: int)
     nodes = node_count()
     threads = nodes if extra == 0 else 2 * nodes - 1
     proc = run(bins["guest"] / "test-cpu-numa", threads)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
     assert f"on {nodes} node(s): node-local paths" in proc.stdout
     assert cases_passed(proc.stdout) == (30, 30)
     assert "FAIL" not in proc.stdout and "DIFFERENT" not in proc.stdout
@@ -171,7 +177,7 @@ def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
     """
     nodes = node_count()
     proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes, env={"GGML_CPU_NUMA_DEBUG": "2"})
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
     assert cases_passed(proc.stdout) == (40, 40)
     repacked = [line for line in proc.stdout.splitlines() if " repack " in line and "bitwise equal" in line]
     assert len(repacked) == 10, proc.stdout  # q4_0 and q4_K, 3 mul_mat + 2 mul_mat_id each
@@ -190,7 +196,7 @@ def test_backend_ops_with_migrate(bins: dict[str, Path]) -> None:
                            "-o", "MUL_MAT,MUL_MAT_ID", "-p", BACKEND_OPS_GUEST],
                           capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "GGML_CPU_NUMA_DEBUG": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
     assert backend_ops_passed(proc.stdout) == 32
     placed = re.findall(r"so far (\d+) pages: (\d+) in place, (\d+) moved, (\d+) failed", proc.stderr)
     assert placed, proc.stderr[-2000:]
