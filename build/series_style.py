@@ -12,10 +12,15 @@ Per patch (from the patch files):
 
 On the patched tree:
 - at most ``MAX_GUARDS`` lines name ``GGML_USE_CPU_NUMA``;
-- the C++ files the series adds compile with ``-Wall -Wextra -Werror`` (syntax and warnings only).
-
-clang-format with llama.cpp's ``.clang-format`` is *reported* (``--clang-format``), not gated yet: the series'
-lines are not formatted with it (see the README).
+- the C++ files the series adds compile with ``-Wall -Wextra -Werror`` (syntax and warnings only);
+- per patch commit, clang-format (``CLANG_FORMAT_VERSION``, the PyPI wheel the ``test`` extra pins) with
+  llama.cpp's own ``.clang-format`` leaves the lines that patch adds to the files the series adds as they are
+  (``git clang-format --diff`` between the commit and its parent). ``build/series_format.py`` re-formats a series
+  that fails it. Lines added to upstream's own files follow the code around them instead, as llama.cpp's
+  CONTRIBUTING.md asks ("follow the existing patterns in the code ... in case of doubt use clang-format to
+  format the added code"): those files are not clang-format clean upstream, and formatting the series' lines in
+  them re-sorts upstream's include blocks and re-flows whole upstream statements. ``--clang-format-report``
+  counts what clang-format would change there.
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ CODE_COMMENT = re.compile(r"^\s*//\s*(?:(?:if|for|while|return|else|switch)\b.*[
                           r"|[\w.>\[\]-]+\s*[-+*/]?=\s*[^=].*;\s*$"
                           r"|[\w:]+\([^)]*\)\s*;\s*$)")
 SOURCE = re.compile(r"\.(c|cc|cpp|h|hpp|cu|m)$")
+CLANG_FORMAT_VERSION = "21.1.8"  # formats differ between releases: the gate needs exactly this one
+CLANG_FORMAT_EXTENSIONS = ("c", "cc", "cpp", "h", "hpp")
+BASE_REF = "upstream"
+
+
+class StyleToolError(RuntimeError):
+    """The gate's tool is missing or cannot read llama.cpp's configuration: the gate cannot say yes."""
 
 
 @dataclass(frozen=True)
@@ -127,28 +139,74 @@ def _is_new(tree: Path, file: str) -> bool:
     return proc.returncode != 0 and (tree / file).exists()
 
 
+def clang_format_exe() -> str:
+    """The pinned clang-format: the one beside this Python (the venv's wheel) first, then PATH."""
+    candidates = [Path(sys.executable).parent / "clang-format", shutil.which("clang-format")]
+    seen: list[str] = []
+    for exe in candidates:
+        if exe is None or not Path(exe).exists():
+            continue
+        version = subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.strip()
+        if re.search(rf"version {re.escape(CLANG_FORMAT_VERSION)}\b", version):
+            return str(exe)
+        seen.append(f"{exe}: {version}")
+    raise StyleToolError(f"clang-format {CLANG_FORMAT_VERSION} not found ({'; '.join(seen) or 'none installed'}): "
+                         f"pip install clang-format=={CLANG_FORMAT_VERSION} (the test extra pins it)")
+
+
+def added_files(tree: Path, commit: str) -> list[str]:
+    """Source files that exist at ``commit`` and not in upstream: the series' own files."""
+    out = subprocess.run(["git", "diff", "--name-only", "--diff-filter=A", BASE_REF, commit], cwd=tree,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in out if f.rsplit(".", 1)[-1] in CLANG_FORMAT_EXTENSIONS]
+
+
+def clang_format_diff(tree: Path, exe: str, old: str, new: str, files: list[str] | None) -> str:
+    """What clang-format would change in the lines that differ between ``old`` and ``new`` (all source files, or
+    ``files``); empty when nothing."""
+    proc = subprocess.run(["git", "clang-format", "--binary", exe, "--diff", "--extensions",
+                           ",".join(CLANG_FORMAT_EXTENSIONS), old, new, *(["--", *files] if files else [])],
+                          cwd=tree, capture_output=True, text=True)
+    if "error:" in proc.stderr or proc.returncode not in (0, 1):
+        raise StyleToolError(f"git clang-format {old} {new}: {proc.stderr.strip()[:500]}")
+    diff = proc.stdout
+    return "" if diff.startswith(("no modified files", "clang-format did not modify")) else diff.strip()
+
+
+def clang_format_problems(tree: Path, names: list[str]) -> list[str]:
+    """Per patch commit, the lines it adds to the series' own files that llama.cpp's .clang-format would change."""
+    exe = clang_format_exe()
+    commits = subprocess.run(["git", "rev-list", "--reverse", f"{BASE_REF}..HEAD"], cwd=tree, capture_output=True,
+                             text=True).stdout.split()
+    if len(commits) != len(names):
+        return [f"{tree}: {len(commits)} commit(s) on {BASE_REF}, but the series lists {len(names)} patch(es) "
+                "(python build/sync.py apply)"]
+    out: list[str] = []
+    for name, commit in zip(names, commits, strict=True):
+        files = added_files(tree, commit)
+        diff = clang_format_diff(tree, exe, f"{commit}^", commit, files) if files else ""
+        if not diff:
+            continue
+        hunks = [line for line in diff.splitlines() if line.startswith("@@")]
+        files = sorted({line[6:] for line in diff.splitlines() if line.startswith("+++ b/")})
+        first = next((line for line in diff.splitlines() if line.startswith(("-", "+"))
+                      and not line.startswith(("---", "+++"))), "")
+        out.append(f"{name}: clang-format would change {len(hunks)} place(s) in the lines it adds "
+                   f"({', '.join(files)}; first: {first.strip()[:70]!r}); python build/series_format.py re-formats")
+    return out
+
+
 def clang_format_report(tree: Path) -> str:
-    """How many lines the series adds that llama.cpp's .clang-format would change (report only)."""
-    exe = shutil.which("clang-format")
-    if exe is None:
-        return "clang-format: not installed (pip install clang-format); not checked"
-    diff = subprocess.run(["git", "diff", "-U0", "upstream", "HEAD"], cwd=tree, capture_output=True,
-                          text=True).stdout
-    ranges: dict[str, list[str]] = {}
-    current = ""
-    for line in diff.splitlines():
-        if line.startswith("+++ "):
-            current = line[4:].removeprefix("b/")
-        m = re.match(r"@@ -\S+ \+(\d+)(?:,(\d+))? @@", line)
-        if m and SOURCE.search(current) and int(m[2] or 1) > 0:
-            start = int(m[1])
-            ranges.setdefault(current, []).append(f"--lines={start}:{start + int(m[2] or 1) - 1}")
-    total = 0
-    for file, lines in ranges.items():
-        proc = subprocess.run([exe, "--dry-run", *lines, file], cwd=tree, capture_output=True, text=True)
-        total += proc.stderr.count("warning:")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
-    return f"clang-format ({version}): {total} place(s) in the series' added lines would change (not gated yet)"
+    """How many places clang-format would change in the lines the series adds to upstream's own files."""
+    exe = clang_format_exe()
+    new = set(added_files(tree, "HEAD"))
+    changed = subprocess.run(["git", "diff", "--name-only", BASE_REF, "HEAD"], cwd=tree, capture_output=True,
+                             text=True, check=True).stdout.split()
+    upstream_files = [f for f in changed if f not in new and f.rsplit(".", 1)[-1] in CLANG_FORMAT_EXTENSIONS]
+    diff = clang_format_diff(tree, exe, BASE_REF, "HEAD", upstream_files) if upstream_files else ""
+    places = sum(line.startswith("@@") for line in diff.splitlines())
+    return (f"clang-format: {places} place(s) in the series' lines in upstream's own files would change "
+            f"({len(upstream_files)} file(s); not gated: they follow the code around them)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patches", type=Path, default=PATCHES)
     ap.add_argument("--tree", type=Path, default=TREE, help="the vendor tree with the series applied")
-    ap.add_argument("--clang-format", action="store_true", help="also report clang-format's view")
+    ap.add_argument("--no-clang-format", action="store_true",
+                    help="skip the clang-format gate (the result then says so)")
+    ap.add_argument("--clang-format-report", action="store_true",
+                    help="also count clang-format's changes in the series' lines in upstream's own files")
     args = ap.parse_args(argv)
     listed = [line.strip() for line in (args.patches / "series").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
@@ -164,13 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     problems = [msg for p in patches for msg in patch_problems(p)]
     if (args.tree / ".git").exists():
         problems += tree_problems(args.tree, patches)
+        if not args.no_clang_format:
+            try:
+                problems += clang_format_problems(args.tree, listed)
+            except StyleToolError as e:
+                problems.append(str(e))
     else:
         problems.append(f"{args.tree} is not the applied vendor tree (python build/sync.py apply)")
     for msg in problems:
         print(f"FAIL {msg}", file=sys.stderr)
-    if args.clang_format:
+    if args.clang_format_report:
         print(clang_format_report(args.tree))
-    print(f"{'ok  ' if not problems else 'FAIL'} {len(patches)} patch(es): {len(problems)} style problem(s)")
+    skipped = " (clang-format not checked)" if args.no_clang_format else ""
+    print(f"{'ok  ' if not problems else 'FAIL'} {len(patches)} patch(es): {len(problems)} style problem(s){skipped}")
     return 1 if problems else 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
+import series_format
 import series_style
 
 GOOD_MESSAGE = """A paragraph that says why this change is needed,
@@ -53,6 +55,67 @@ def test_prose_comments_are_not_taken_for_code(tmp_path: Path) -> None:
 
 
 def test_the_committed_series_passes(capsys: pytest.CaptureFixture[str]) -> None:
-    """Subjects, why paragraphs, Forwarded, whitespace, guards (<= 6) and -Werror on the added C++ files."""
+    """Subjects, why paragraphs, Forwarded, whitespace, guards (<= 6), -Werror on the added C++ files, and
+    clang-format on the lines each patch adds to the series' own files."""
     assert series_style.main([]) == 0, capsys.readouterr().err
     assert "numa.cpp" in capsys.readouterr().out
+
+
+# -- clang-format, per patch commit, on the files the series adds ----------------------------------------------------
+
+def git(tree: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def toy_tree(tmp_path: Path) -> Path:
+    """A git tree like vendor/llama.cpp: llama.cpp's .clang-format and an upstream file at the tag 'upstream'."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    git(tree, "init", "-q")
+    (tree / ".clang-format").write_text((series_style.TREE / ".clang-format").read_text())
+    (tree / "old.c").write_text("int  upstream_style=1;\n")  # upstream's own file, not clang-format clean
+    git(tree, "add", "-A")
+    git(tree, "commit", "-q", "-m", "upstream")
+    git(tree, "tag", "upstream")
+    return tree
+
+
+def commit_file(tree: Path, name: str, text: str) -> None:
+    (tree / name).write_text(text)
+    git(tree, "add", "-A")
+    git(tree, "commit", "-q", "-m", f"ggml-cpu : {name}")
+
+
+def test_clang_format_gate_names_the_patch_whose_new_file_is_unformatted(toy_tree: Path) -> None:
+    commit_file(toy_tree, "numa.cpp", "int x = 1;\n")
+    commit_file(toy_tree, "numa.h", "int  f(int a);\nint g( int b );\n")
+    found = series_style.clang_format_problems(toy_tree, ["0001-a.patch", "0002-b.patch"])
+    assert len(found) == 1 and found[0].startswith("0002-b.patch: clang-format would change"), found
+    assert "numa.h" in found[0]
+
+
+def test_lines_added_to_upstream_files_follow_their_code_and_are_not_gated(toy_tree: Path) -> None:
+    commit_file(toy_tree, "old.c", "int  upstream_style=1;\nint  added_here=2;\n")
+    assert series_style.clang_format_problems(toy_tree, ["0001-a.patch"]) == []
+    assert "1 place(s)" in series_style.clang_format_report(toy_tree)
+
+
+def test_series_format_makes_every_prefix_pass(toy_tree: Path, tmp_path: Path) -> None:
+    commit_file(toy_tree, "numa.h", "int  f(int a);\n")
+    commit_file(toy_tree, "numa.cpp", "#include \"numa.h\"\nint f(int a){return a;}\n")
+    assert len(series_style.clang_format_problems(toy_tree, ["1", "2"])) == 2
+    head, changed = series_format.format_series(toy_tree, tmp_path / "scratch", series_style.clang_format_exe(),
+                                                log=lambda _: None)
+    git(toy_tree, "reset", "-q", "--hard", head)
+    assert changed == ["ggml-cpu : numa.h", "ggml-cpu : numa.cpp"]
+    assert series_style.clang_format_problems(toy_tree, ["1", "2"]) == []
+    assert git(toy_tree, "log", "--format=%s", "upstream..HEAD").splitlines() == changed[::-1]
+    assert "int f(int a) {\n    return a;\n}" in (toy_tree / "numa.cpp").read_text()
+
+
+def test_the_gate_refuses_another_clang_format_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(series_style, "CLANG_FORMAT_VERSION", "1.2.3")
+    with pytest.raises(series_style.StyleToolError, match="clang-format 1.2.3 not found"):
+        series_style.clang_format_exe()
