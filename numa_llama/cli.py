@@ -169,7 +169,8 @@ def _bench_sweep(results: list, as_json: bool, markdown: str | None) -> int:
         Path(markdown).write_text(table + "\n")
     print(table)
     for lab, per in best.items():
-        print(f"best for {lab}: " + ", ".join(f"{t} {v:.2f} t/s at {n} threads" for t, (v, n) in per.items()))
+        print(f"best for {lab}: " + ", ".join(f"{t} {v:.2f} t/s at {n} thread{'' if n == 1 else 's'}"
+                                           for t, (v, n) in per.items()))
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 from numa_llama import bench
+from numa_llama.sysfs import read_topology
 
 
 def numa_llama(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -73,6 +74,32 @@ def test_interleaved_runs_give_medians_and_ratios(patched_bench: Path, tmp_path:
     assert table[0] == "| configuration | pp32 t/s | tg8 t/s | pp32 ÷ patched-off | tg8 ÷ patched-off |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["patched-off", "patched-migrate"]
 
+
+
+@pytest.mark.model
+@pytest.mark.bench
+def test_sweep_threads_runs_every_count_and_names_the_best(patched_bench: Path, tmp_path: Path) -> None:
+    """--sweep-threads on this machine's node: every configuration at each count of sweep_counts, as JSON, as a
+    table, and the best count per configuration and test."""
+    counts = bench.sweep_counts([len(n.usable_cpus) for n in read_topology().nodes])
+    args = ["bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "--sweep-threads",
+            "--rounds", "1", "-r", "1", "-p", "16", "-n", "4"]
+    proc = numa_llama(*args, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert [r["threads"] for r in out["sweep"]] == counts
+    for label in ("patched-off", "patched-migrate"):
+        for test in ("pp16", "tg4"):
+            best = out["best"][label][test]
+            medians = {r["threads"]: r["median_tokens_per_s"][label][test] for r in out["sweep"]}
+            assert best["threads"] in counts and best["tokens_per_s"] == max(medians.values()) > 0
+    md = tmp_path / "sweep.md"
+    proc = numa_llama(*args, "--markdown", str(md))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = md.read_text().splitlines()
+    assert table[0] == "| threads | configuration | pp16 t/s | tg4 t/s |"
+    assert [row.split("|")[1].strip() for row in table[2:]] == [str(n) for n in counts for _ in range(2)]
+    assert proc.stdout.count("best for ") == 2
 
 def test_ratio_is_the_median_of_within_round_ratios() -> None:
     """A noisy round slows both sides: the within-round ratio cancels it, a ratio of medians would not."""
