@@ -13,6 +13,7 @@ is the only model loaded.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class TensorPlacement:
     slabs: tuple[SlabPlan, ...]  # empty: not placed (another strategy, or one node)
     page_bytes: int  # base page size, the unit of ``intended``/``actual``
     intended: tuple[int, ...]  # per base page: the slab's node, BOUNDARY, or BOUNDARY for every page if not placed
-    actual: tuple[int, ...]  # per base page: the kernel's node (or -errno, e.g. -ENOENT: never touched)
+    actual: tuple[int, ...]  # per base page: the kernel's node, or -errno (-ENOENT: not present, see page_nodes)
 
     @property
     def pages(self) -> int:
@@ -58,8 +59,16 @@ class TensorPlacement:
 
     @property
     def pages_off_plan(self) -> int:
-        """Pages that a slab holds whole but the kernel has elsewhere."""
-        return sum(1 for want, got in zip(self.intended, self.actual, strict=True) if want >= 0 and got != want)
+        """Pages that a slab holds whole but the kernel has elsewhere (or cannot map: any errno but ENOENT)."""
+        return sum(1 for want, got in zip(self.intended, self.actual, strict=True)
+                   if want >= 0 and got != want and got != -errno.ENOENT)
+
+    @property
+    def pages_not_present(self) -> int:
+        """Pages that a slab holds whole and the kernel reports as not present (``-ENOENT``): never touched, or
+        NUMA-hinting entries nothing has read since (an expert no token chose); on no node, so not off plan."""
+        return sum(1 for want, got in zip(self.intended, self.actual, strict=True)
+                   if want >= 0 and got == -errno.ENOENT)
 
     @property
     def pages_boundary(self) -> int:

@@ -321,7 +321,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"weights: {d['weights']} ({d['placed_weights']} placed), {d['pages']} pages; the kernel has them on "
           + ", ".join(f"node {k}: {v}" if int(k) >= 0 else f"no node (errno {-int(k)}): {v}"
                       for k, v in d["pages_per_node"].items()))
-    print(f"placement: {d['pages_off_plan']} slab page(s) off plan, {d['pages_boundary']} on slab boundaries; "
+    print(f"placement: {d['pages_off_plan']} slab page(s) off plan, {d['pages_not_present']} not present, "
+          f"{d['pages_boundary']} on slab boundaries; "
           f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
           + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else ""))
     if loc is not None:

@@ -45,6 +45,7 @@ class Report:
             "pages": sum(t.pages for t in self.tensors),
             "pages_per_node": {str(k): v for k, v in sorted(self.pages().items())},
             "pages_off_plan": sum(t.pages_off_plan for t in self.tensors),
+            "pages_not_present": sum(t.pages_not_present for t in self.tensors),
             "pages_boundary": sum(t.pages_boundary for t in self.tensors),
             "placed_weights": sum(bool(t.slabs) for t in self.tensors),
             "locality": None if loc is None else {"overall": loc.overall, "per_thread": list(loc.per_thread),
@@ -54,7 +55,8 @@ class Report:
                       "failed": st.pages_failed, "failed_by_reason": st.failed, "boundary": st.pages_boundary},
             "barrier": {"waits": list(st.barrier_waits), "wait_ns": list(st.barrier_wait_ns)},
             "tensors": [{"name": t.name, "bytes": t.nbytes, "pages": t.pages, "off_plan": t.pages_off_plan,
-                         "boundary": t.pages_boundary, "per_node": {str(k): v for k, v in t.pages_per_node().items()},
+                         "not_present": t.pages_not_present, "boundary": t.pages_boundary,
+                         "per_node": {str(k): v for k, v in t.pages_per_node().items()},
                          "slabs": [[s.node, s.row_begin, s.row_end, s.nbytes] for s in t.slabs]}
                         for t in self.tensors],
         }
