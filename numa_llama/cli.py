@@ -129,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = []
         for n in counts:
             if len(counts) > 1:
-                log(f"sweep: {n} threads")
+                log(f"sweep: {n} thread{'' if n == 1 else 's'}")
             results.append(bench.compare(configs, model, n, rounds=args.rounds, pp=args.pp, tg=args.tg,
                                          reps=args.reps, progress=log))
     except bench.BenchError as e:
