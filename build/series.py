@@ -57,7 +57,8 @@ class SeriesError(RuntimeError):
     """A series operation failed; the message says what to do."""
 
 
-def git(tree: Path, *args: str, check: bool = True, date: str | None = None) -> subprocess.CompletedProcess:
+def git(tree: Path, *args: str, check: bool = True, date: str | None = None, env_extra: dict[str, str] | None = None,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(
         GIT_COMMITTER_NAME=env.get("GIT_COMMITTER_NAME", "numa-llama build"),
@@ -69,8 +70,9 @@ def git(tree: Path, *args: str, check: bool = True, date: str | None = None) -> 
     if date:
         env.update(GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date,
                    GIT_AUTHOR_NAME="upstream", GIT_AUTHOR_EMAIL="upstream@numa-llama.invalid")
+    env.update(env_extra or {})
     cfg = [a for c in _GIT_CONFIG for a in ("-c", c)]
-    proc = subprocess.run(["git", *cfg, *args], cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["git", *cfg, *args], cwd=tree, env=env, capture_output=True, text=True, input=stdin)
     if check and proc.returncode != 0:
         raise SeriesError(f"git {' '.join(args)} failed in {tree}:\n{proc.stdout}{proc.stderr}".rstrip())
     return proc

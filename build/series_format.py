@@ -25,25 +25,21 @@ kept as the branch ``pre-format``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_build import BASE_REF, PATCHED_TREE  # noqa: E402
+from bench_build import PATCHED_TREE  # noqa: E402
+from series import BASE_TAG, SeriesError  # noqa: E402
+from series import git as run_git  # noqa: E402
 from series_style import CLANG_FORMAT_EXTENSIONS, added_files, clang_format_exe  # noqa: E402
 
 
-def git(tree: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise SystemExit(f"git {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout.strip()
+def git(tree: Path, *args: str, env_extra: dict[str, str] | None = None, stdin: str | None = None) -> str:
+    return run_git(tree, *args, env_extra=env_extra, stdin=stdin).stdout.strip()
 
 
 def commit_env(tree: Path, commit: str) -> dict[str, str]:
@@ -58,23 +54,22 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
     """New head, and the subjects of the patches whose tree clang-format changed."""
     if git(tree, "status", "--porcelain", "--untracked-files=no"):
         raise SystemExit(f"{tree}: uncommitted changes; commit or stash them first")
-    commits = git(tree, "rev-list", "--reverse", f"{BASE_REF}..HEAD").split()
+    commits = git(tree, "rev-list", "--reverse", f"{BASE_TAG}..HEAD").split()
     if not commits:
-        raise SystemExit(f"{tree}: no commits on top of {BASE_REF} (run python build/sync.py apply)")
+        raise SystemExit(f"{tree}: no commits on top of {BASE_TAG} (run python build/sync.py apply)")
     if scratch.exists():
         shutil.rmtree(scratch)
     git(tree, "worktree", "prune")
     git(tree, "worktree", "add", "--detach", "-f", str(scratch), commits[0])
-    parent = git(tree, "rev-parse", BASE_REF)
+    parent = git(tree, "rev-parse", BASE_TAG)
     changed: list[str] = []
     try:
         for commit in commits:
             subject = git(tree, "log", "-1", "--format=%s", commit)
             git(scratch, "checkout", "-q", "--detach", "-f", commit)
             files = added_files(tree, commit)
-            proc = subprocess.run(["git", "clang-format", "--binary", exe, "--extensions",
-                                   ",".join(CLANG_FORMAT_EXTENSIONS), "-q", "-f", BASE_REF, "--", *files],
-                                  cwd=scratch, capture_output=True, text=True)
+            proc = run_git(scratch, "clang-format", "--binary", exe, "--extensions", ",".join(CLANG_FORMAT_EXTENSIONS),
+                           "-q", "-f", BASE_TAG, "--", *files, check=False)
             if proc.returncode not in (0, 1):  # 1: it changed files
                 raise SystemExit(f"git clang-format on {subject}: {proc.stderr.strip() or proc.stdout.strip()}")
             git(scratch, "add", "-u")
@@ -82,9 +77,8 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
             if new_tree != git(tree, "rev-parse", f"{commit}^{{tree}}"):
                 changed.append(subject)
             message = git(tree, "log", "-1", "--format=%B", commit)
-            parent = subprocess.run(["git", "-C", str(tree), "commit-tree", new_tree, "-p", parent],
-                                    input=message, capture_output=True, text=True, check=True,
-                                    env={**os.environ, **commit_env(tree, commit)}).stdout.strip()
+            parent = git(tree, "commit-tree", new_tree, "-p", parent, stdin=message,
+                         env_extra=commit_env(tree, commit))
             log(f"{'formatted' if subject in changed else 'unchanged'}  {subject}")
     finally:
         git(tree, "worktree", "remove", "--force", str(scratch))
@@ -98,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=HERE.parent / "_build" / "format" / "llama.cpp")
     args = ap.parse_args(argv)
     exe = clang_format_exe()
-    head = git(args.tree, "rev-parse", "HEAD")
-    new_head, changed = format_series(args.tree, args.scratch, exe)
+    try:
+        head = git(args.tree, "rev-parse", "HEAD")
+        new_head, changed = format_series(args.tree, args.scratch, exe)
+    except SeriesError as e:
+        print(f"series_format: {e}", file=sys.stderr)
+        return 1
     if not changed:
         print("the series is clang-format clean already")
         return 0

@@ -33,6 +33,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from series import BASE_TAG, git  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PATCHES = ROOT / "patches" / "llama.cpp"
 TREE = ROOT / "vendor" / "llama.cpp"
@@ -44,7 +48,6 @@ CODE_COMMENT = re.compile(r"^\s*//\s*(?:(?:if|for|while|return|else|switch)\b.*[
 SOURCE = re.compile(r"\.(c|cc|cpp|h|hpp|cu|m)$")
 CLANG_FORMAT_VERSION = "21.1.8"  # formats differ between releases: the gate needs exactly this one
 CLANG_FORMAT_EXTENSIONS = ("c", "cc", "cpp", "h", "hpp")
-BASE_REF = "upstream"
 
 
 class StyleToolError(RuntimeError):
@@ -111,16 +114,16 @@ def patch_problems(p: Patch) -> list[str]:
     return out
 
 
-def tree_problems(tree: Path, patches: list[Patch]) -> list[str]:
+def tree_problems(tree: Path) -> list[str]:
     out: list[str] = []
     guards = subprocess.run(["git", "grep", "-n", "GGML_USE_CPU_NUMA"], cwd=tree, capture_output=True,
                             text=True).stdout.splitlines()
     if len(guards) > MAX_GUARDS:
         out.append(f"{len(guards)} lines name GGML_USE_CPU_NUMA (at most {MAX_GUARDS}):\n    " + "\n    ".join(guards))
-    added_files = sorted({f for p in patches for f in p.files if f.endswith(".cpp") and _is_new(tree, f)})
-    print(f"compiling the C++ files the series adds with -Wall -Wextra -Werror: {', '.join(added_files)}")
+    new_cpp = [f for f in added_files(tree, "HEAD") if f.endswith(".cpp")]
+    print(f"compiling the C++ files the series adds with -Wall -Wextra -Werror: {', '.join(new_cpp)}")
     cxx = shutil.which("c++") or shutil.which("g++")
-    for f in added_files:
+    for f in new_cpp:
         if cxx is None:
             out.append("no C++ compiler to check the added files with -Werror")
             break
@@ -131,12 +134,6 @@ def tree_problems(tree: Path, patches: list[Patch]) -> list[str]:
             out.append(f"{f} does not compile with -Wall -Wextra -Werror:\n    "
                        + "\n    ".join(proc.stderr.strip().splitlines()[:10]))
     return out
-
-
-def _is_new(tree: Path, file: str) -> bool:
-    """Added by the series: absent from the tree's 'upstream' tag."""
-    proc = subprocess.run(["git", "cat-file", "-e", f"upstream:{file}"], cwd=tree, capture_output=True)
-    return proc.returncode != 0 and (tree / file).exists()
 
 
 def clang_format_exe() -> str:
@@ -156,17 +153,15 @@ def clang_format_exe() -> str:
 
 def added_files(tree: Path, commit: str) -> list[str]:
     """Source files that exist at ``commit`` and not in upstream: the series' own files."""
-    out = subprocess.run(["git", "diff", "--name-only", "--diff-filter=A", BASE_REF, commit], cwd=tree,
-                         capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if f.rsplit(".", 1)[-1] in CLANG_FORMAT_EXTENSIONS]
+    out = git(tree, "diff", "--name-only", "--diff-filter=A", BASE_TAG, commit).stdout.split()
+    return sorted(f for f in out if f.rsplit(".", 1)[-1] in CLANG_FORMAT_EXTENSIONS)
 
 
 def clang_format_diff(tree: Path, exe: str, old: str, new: str, files: list[str] | None) -> str:
     """What clang-format would change in the lines that differ between ``old`` and ``new`` (all source files, or
     ``files``); empty when nothing."""
-    proc = subprocess.run(["git", "clang-format", "--binary", exe, "--diff", "--extensions",
-                           ",".join(CLANG_FORMAT_EXTENSIONS), old, new, *(["--", *files] if files else [])],
-                          cwd=tree, capture_output=True, text=True)
+    proc = git(tree, "clang-format", "--binary", exe, "--diff", "--extensions", ",".join(CLANG_FORMAT_EXTENSIONS),
+               old, new, *(["--", *files] if files else []), check=False)
     if "error:" in proc.stderr or proc.returncode not in (0, 1):
         raise StyleToolError(f"git clang-format {old} {new}: {proc.stderr.strip()[:500]}")
     diff = proc.stdout
@@ -176,10 +171,9 @@ def clang_format_diff(tree: Path, exe: str, old: str, new: str, files: list[str]
 def clang_format_problems(tree: Path, names: list[str]) -> list[str]:
     """Per patch commit, the lines it adds to the series' own files that llama.cpp's .clang-format would change."""
     exe = clang_format_exe()
-    commits = subprocess.run(["git", "rev-list", "--reverse", f"{BASE_REF}..HEAD"], cwd=tree, capture_output=True,
-                             text=True).stdout.split()
+    commits = git(tree, "rev-list", "--reverse", f"{BASE_TAG}..HEAD").stdout.split()
     if len(commits) != len(names):
-        return [f"{tree}: {len(commits)} commit(s) on {BASE_REF}, but the series lists {len(names)} patch(es) "
+        return [f"{tree}: {len(commits)} commit(s) on {BASE_TAG}, but the series lists {len(names)} patch(es) "
                 "(python build/sync.py apply)"]
     out: list[str] = []
     for name, commit in zip(names, commits, strict=True):
@@ -200,10 +194,9 @@ def clang_format_report(tree: Path) -> str:
     """How many places clang-format would change in the lines the series adds to upstream's own files."""
     exe = clang_format_exe()
     new = set(added_files(tree, "HEAD"))
-    changed = subprocess.run(["git", "diff", "--name-only", BASE_REF, "HEAD"], cwd=tree, capture_output=True,
-                             text=True, check=True).stdout.split()
+    changed = git(tree, "diff", "--name-only", BASE_TAG, "HEAD").stdout.split()
     upstream_files = [f for f in changed if f not in new and f.rsplit(".", 1)[-1] in CLANG_FORMAT_EXTENSIONS]
-    diff = clang_format_diff(tree, exe, BASE_REF, "HEAD", upstream_files) if upstream_files else ""
+    diff = clang_format_diff(tree, exe, BASE_TAG, "HEAD", upstream_files) if upstream_files else ""
     places = sum(line.startswith("@@") for line in diff.splitlines())
     return (f"clang-format: {places} place(s) in the series' lines in upstream's own files would change "
             f"({len(upstream_files)} file(s); not gated: they follow the code around them)")
@@ -224,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     patches = [parse_patch(args.patches / name) for name in listed]
     problems = [msg for p in patches for msg in patch_problems(p)]
     if (args.tree / ".git").exists():
-        problems += tree_problems(args.tree, patches)
+        problems += tree_problems(args.tree)
         if not args.no_clang_format:
             try:
                 problems += clang_format_problems(args.tree, listed)

@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"text:   {res.text.strip()}")
     print(f"speed:  {res.tokens_per_s:.1f} tokens/s generated ({res.generated_tokens} tokens), "
           f"{res.prompt_tokens_per_s:.1f} tokens/s prompt ({res.prompt_tokens} tokens), "
-          f"{res.threads} threads, load {res.load_s:.2f} s")
+          f"{_threads(res.threads)}, load {res.load_s:.2f} s")
     print(f"numa:   {res.numa_summary}")
     return 0
 
@@ -129,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = []
         for n in counts:
             if len(counts) > 1:
-                log(f"sweep: {n} thread{'' if n == 1 else 's'}")
+                log(f"sweep: {_threads(n)}")
             results.append(bench.compare(configs, model, n, rounds=args.rounds, pp=args.pp, tg=args.tg,
                                          reps=args.reps, progress=log))
     except bench.BenchError as e:
@@ -143,10 +143,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
         return 0
-    print(f"model {Path(res.model).name}, {res.threads} threads, {res.rounds} interleaved rounds "
+    print(f"model {Path(res.model).name}, {_threads(res.threads)}, {res.rounds} interleaved rounds "
           f"(medians; ratios are medians of within-round ratios)")
     print(res.markdown())
     return 0
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
 
 
 def _bench_sweep(results: list, as_json: bool, markdown: str | None) -> int:
@@ -169,8 +173,7 @@ def _bench_sweep(results: list, as_json: bool, markdown: str | None) -> int:
         Path(markdown).write_text(table + "\n")
     print(table)
     for lab, per in best.items():
-        print(f"best for {lab}: " + ", ".join(f"{t} {v:.2f} t/s at {n} thread{'' if n == 1 else 's'}"
-                                           for t, (v, n) in per.items()))
+        print(f"best for {lab}: " + ", ".join(f"{t} {v:.2f} t/s at {_threads(n)}" for t, (v, n) in per.items()))
     return 0
 
 
