@@ -65,8 +65,8 @@ class TensorPlacement:
 
     @property
     def pages_not_present(self) -> int:
-        """Pages that a slab holds whole and the kernel reports as not present (``-ENOENT``): never touched, or
-        NUMA-hinting entries nothing has read since (an expert no token chose); on no node, so not off plan."""
+        """Pages that a slab holds whole and the kernel reports as not present (``-ENOENT``: never touched, or see
+        ``kernel.page_nodes``): the query names no node for them, so they are not counted off plan."""
         return sum(1 for want, got in zip(self.intended, self.actual, strict=True)
                    if want >= 0 and got == -errno.ENOENT)
 

@@ -50,9 +50,9 @@ def page_nodes(addresses: Sequence[int]) -> list[int]:
     """The node of each page, from ``move_pages(2)`` with no target nodes (a query that moves nothing).
 
     A page the kernel cannot answer for comes back as ``-errno`` in its place
-    (``-ENOENT``: not present, never touched; ``-EFAULT``: not mapped). Some kernels (Debian's 6.1) also say
-    ``-ENOENT`` for a page that automatic NUMA balancing has made a PROT_NONE hinting entry and that nothing has
-    read since: it is present, on a node, but the query does not say which.
+    (``-ENOENT``: not present, never touched; ``-EFAULT``: not mapped). ``-ENOENT`` has also been seen, rarely
+    and under load, for pages that had been written (why is not established: a migration entry in flight, or a
+    NUMA hinting entry): such a page is on a node, but the query does not say which.
     """
     n = len(addresses)
     if n == 0:

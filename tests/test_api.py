@@ -95,8 +95,8 @@ def test_binding_refuses_a_library_that_is_not_loaded() -> None:
 
 
 def test_a_page_the_kernel_calls_not_present_is_not_off_plan() -> None:
-    """-ENOENT (never touched, or a NUMA-hinting entry on Debian's 6.1) is counted apart: it is on no node the
-    query names, so it is neither on plan nor on another node; any other errno (-EFAULT: not mapped) is off plan."""
+    """-ENOENT (not present) is counted apart: the query names no node for it, so it is neither on plan nor on
+    another node; any other errno (-EFAULT: not mapped) is off plan."""
     from numa_llama.api import BOUNDARY, SlabPlan, TensorPlacement  # noqa: PLC0415
 
     t = TensorPlacement("blk.0.ffn_up_exps.weight", 0x10000, 6 * 4096, (SlabPlan(0, 0, 8, 3 * 4096),
