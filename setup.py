@@ -91,8 +91,10 @@ class BuildNative(build_py):
 
     def _write_build_info(self, result: native.BuildResult) -> None:
         if AS_IS:
-            series = {s.patch_dir.name: s.commits() + (["(uncommitted changes)"] if s.dirty() else [])
-                      for s in sync.all_series()}
+            series = {
+                s.patch_dir.name: s.commits() + (["(uncommitted changes)"] if s.dirty() else [])
+                for s in sync.all_series()
+            }
         else:
             series = {s.patch_dir.name: [p.name for p in s.patches()] for s in sync.all_series()}
         info = {

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        for which in (["patched", "stock"] if args.which == "both" else [args.which]):
+        for which in ["patched", "stock"] if args.which == "both" else [args.which]:
             print(which, build_bench(which, args.build_root, log=log, variant=args.variant), flush=True)
     except (native.BuildError, subprocess.SubprocessError, OSError) as e:
         print(f"bench_build: {e}", file=sys.stderr)

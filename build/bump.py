@@ -56,8 +56,13 @@ def llama_cpp_commit(sdist: Path) -> tuple[str, str]:
 
 def write_pin(pin: Pin, path: Path = PIN_FILE) -> None:
     text = path.read_text()
-    for key, value in (("version", pin.version), ("sdist", pin.sdist), ("sha256", pin.sha256),
-                       ("commit", pin.llama_cpp_commit), ("date", pin.llama_cpp_date)):
+    for key, value in (
+        ("version", pin.version),
+        ("sdist", pin.sdist),
+        ("sha256", pin.sha256),
+        ("commit", pin.llama_cpp_commit),
+        ("date", pin.llama_cpp_date),
+    ):
         text = re.sub(rf'(?m)^{key} = ".*"$', f'{key} = "{value}"', text, count=1)
     path.write_text(text)
 
@@ -79,14 +84,18 @@ def try_series(pin: Pin, scratch: Path, log=print) -> dict[str, list[str]]:
         problems = s.check()
         if problems:
             raise SeriesError(f"{name}: the moved series fails check:\n  " + "\n  ".join(problems))
-        changed[name] = [p.name for p in s.patches()
-                         if not (ours / p.name).exists() or not filecmp.cmp(ours / p.name, p, shallow=False)]
+        changed[name] = [
+            p.name
+            for p in s.patches()
+            if not (ours / p.name).exists() or not filecmp.cmp(ours / p.name, p, shallow=False)
+        ]
     return changed
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="build/bump.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="build/bump.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--to", required=True, metavar="VERSION", help="the llama-cpp-python release to move to")
     ap.add_argument("--apply", action="store_true", help="on success, make it the pin (pin.toml, vendor/, patches/)")
     ap.add_argument("--scratch", type=Path, help="where to try it (default: _build/bump/VERSION)")
@@ -95,20 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     scratch = args.scratch or ROOT / "_build" / "bump" / args.to
     try:
         pin = release_pin(args.to)
-        print(f"llama-cpp-python {pin.version}: sdist sha256 {pin.sha256}, llama.cpp {pin.llama_cpp_commit} "
-              f"(now pinned: {current.version}, llama.cpp {current.llama_cpp_commit})")
+        print(
+            f"llama-cpp-python {pin.version}: sdist sha256 {pin.sha256}, llama.cpp {pin.llama_cpp_commit} "
+            f"(now pinned: {current.version}, llama.cpp {current.llama_cpp_commit})"
+        )
         changed = try_series(pin, scratch)
     except (FetchError, SeriesError) as e:
         print(f"bump to {args.to}: {e}", file=sys.stderr)
         return 1
     for name, patches in changed.items():
         moved = len(list((scratch / "patches" / name).glob("*.patch")))
-        print(f"{name}: all {moved} patch(es) apply to {pin.version}; "
-              + (f"{len(patches)} changed in context or content: {', '.join(patches)}" if patches
-                 else "none changed"))
+        print(
+            f"{name}: all {moved} patch(es) apply to {pin.version}; "
+            + (f"{len(patches)} changed in context or content: {', '.join(patches)}" if patches else "none changed")
+        )
     if not args.apply:
-        print(f"nothing here changed (the moved series is in {scratch / 'patches'}); --apply makes {pin.version} "
-              "the pin")
+        print(
+            f"nothing here changed (the moved series is in {scratch / 'patches'}); --apply makes {pin.version} the pin"
+        )
         return 0
     write_pin(pin)
     for name in sync.NAMES:
@@ -118,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in sync.all_series():
         s.apply(force=True)
     sync.PROVENANCE.write_text(sync.provenance(Pin.load()))
-    print(f"build/pin.toml, vendor/ and patches/ now follow llama-cpp-python {pin.version}; "
-          "run python build/sync.py check and the tests, then commit")
+    print(
+        f"build/pin.toml, vendor/ and patches/ now follow llama-cpp-python {pin.version}; "
+        "run python build/sync.py check and the tests, then commit"
+    )
     return 0
 
 

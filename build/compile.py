@@ -114,8 +114,9 @@ def choose_variants(variants: list[Variant], wanted: list[str] | None, log=print
         names = {v.name for v in variants}
         unknown = [w for w in wanted if w not in names]
         if unknown:
-            raise BuildError(f"NUMA_LLAMA_CPU_VARIANTS names unknown variant(s) {unknown}; "
-                             f"ggml defines {sorted(names)}")
+            raise BuildError(
+                f"NUMA_LLAMA_CPU_VARIANTS names unknown variant(s) {unknown}; ggml defines {sorted(names)}"
+            )
         chosen = [w for w in wanted if any(v.name == w and v.runs for v in variants)]
         dropped = [w for w in wanted if w not in chosen]
         if dropped:
@@ -126,8 +127,11 @@ def choose_variants(variants: list[Variant], wanted: list[str] | None, log=print
         # ggml's loader scores a variant by the features it needs; the most
         # demanding variant that runs here is the one it should pick here.
         best = max(runnable, key=lambda v: (len(v.features), variants.index(v)))
-        chosen = [best.name] + ([GUEST_VARIANT] if best.name != GUEST_VARIANT and
-                                any(v.name == GUEST_VARIANT and v.runs for v in variants) else [])
+        chosen = [best.name] + (
+            [GUEST_VARIANT]
+            if best.name != GUEST_VARIANT and any(v.name == GUEST_VARIANT and v.runs for v in variants)
+            else []
+        )
     if not chosen:
         raise BuildError("none of the requested CPU variants executes on this machine")
     log(f"-- cpu probe: building CPU variant(s) {', '.join(chosen)}")
@@ -229,8 +233,7 @@ def build(source: Path, build_root: Path, jobs: int | None = None, log=print) ->
         log(f"-- numa-llama: CPU variant {name} ({i + 1}/{len(names)}) in {build_dir}")
         _configure(source, build_dir, args, log)
         targets = (_base_targets(build_dir) if i == 0 else []) + ["ggml-cpu"]
-        _stream(["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs),
-                 "--target", *targets], log)
+        _stream(["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs), "--target", *targets], log)
         bin_dir = build_dir / "bin"
         if i == 0:
             main_args = args
@@ -272,7 +275,8 @@ def _outputs(build_dir: Path, targets: list[str]) -> list[Path]:
     for t in targets:
         # most land in bin/; the bindings' add_subdirectory(tools/mtmd) keeps its own
         found = sorted(build_dir.glob(f"bin/lib{t}.so*")) or sorted(
-            p for p in build_dir.rglob(f"lib{t}.so*") if "CMakeFiles" not in p.parts)
+            p for p in build_dir.rglob(f"lib{t}.so*") if "CMakeFiles" not in p.parts
+        )
         if not found:
             raise BuildError(f"built target {t} but found no lib{t}.so under {build_dir}")
         libs += found
@@ -307,6 +311,7 @@ def smoke_test(lib_dir: Path, python: str = sys.executable) -> str:
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         sig = f" ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0 else ""
-        raise BuildError(f"the built library dies when loaded on this machine: exit {proc.returncode}{sig}\n"
-                         + proc.stderr[-2000:])
+        raise BuildError(
+            f"the built library dies when loaded on this machine: exit {proc.returncode}{sig}\n" + proc.stderr[-2000:]
+        )
     return proc.stdout.strip()

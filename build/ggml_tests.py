@@ -38,8 +38,10 @@ import compile as native  # noqa: E402
 FLAVORS = {
     "guest": (native.GUEST_VARIANT, ["-DCMAKE_BUILD_TYPE=Release"]),
     "guest-avx2": ("haswell", ["-DCMAKE_BUILD_TYPE=Release"]),
-    "tsan": (native.GUEST_VARIANT,
-             ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DGGML_SANITIZE_THREAD=ON", "-DGGML_OPENMP=OFF"]),
+    "tsan": (
+        native.GUEST_VARIANT,
+        ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DGGML_SANITIZE_THREAD=ON", "-DGGML_OPENMP=OFF"],
+    ),
 }
 TESTS = ["test-barrier", "test-cpu-numa", "test-backend-ops"]
 
@@ -66,8 +68,7 @@ def ggml_args(tree: Path, flavor: str) -> list[str]:
     ]
 
 
-def build_tests(tree: Path, flavor: str, tests: list[str], build_root: Path | None = None,
-                log=print) -> Path:
+def build_tests(tree: Path, flavor: str, tests: list[str], build_root: Path | None = None, log=print) -> Path:
     """Build ggml from ``tree`` and the named tests against it; return the directory of both."""
     tree = tree.resolve()
     unknown = [t for t in tests if t not in TESTS]
@@ -87,8 +88,21 @@ def build_tests(tree: Path, flavor: str, tests: list[str], build_root: Path | No
     for test in tests:
         exe = bin_dir / test
         src = tree / "tests" / f"{test}.cpp"
-        cmd = [*cxx, *flags, "-I", str(tree / "ggml" / "include"), str(src), "-o", str(exe),
-               "-L", str(bin_dir), "-lggml", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{bin_dir}"]
+        cmd = [
+            *cxx,
+            *flags,
+            "-I",
+            str(tree / "ggml" / "include"),
+            str(src),
+            "-o",
+            str(exe),
+            "-L",
+            str(bin_dir),
+            "-lggml",
+            "-lggml-cpu",
+            "-lggml-base",
+            f"-Wl,-rpath,{bin_dir}",
+        ]
         newest_input = max(src.stat().st_mtime, (bin_dir / "libggml-cpu.so").stat().st_mtime)
         if not exe.exists() or exe.stat().st_mtime < newest_input:
             native._stream(cmd, log)

@@ -46,11 +46,25 @@ sys.path.insert(0, str(HERE))
 from upstream import cache_dir  # noqa: E402
 
 # Loaded in this order: each needs the ones before it (design.md).
-MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "netfs", "fscache", "9pnet", "9pnet_virtio", "9p"]
+MODULES = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+]
 # host tool -> the Debian package that provides it (numactl: what people run in a guest first)
-HOST_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static", "cpio": "cpio",
-                 "numactl": "numactl"}
+HOST_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "busybox": "busybox-static",
+    "cpio": "cpio",
+    "numactl": "numactl",
+}
 KERNEL_META = "linux-image-amd64"
 EXIT_TIMEOUT, EXIT_GUEST_FAILED = 124, 125
 
@@ -174,8 +188,13 @@ def _static(path: str) -> bool:
 
 
 def ensure_host_packages() -> None:
-    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items()
-                      if not shutil.which(tool) or (tool == "busybox" and not _static(shutil.which(tool)))})
+    missing = sorted(
+        {
+            pkg
+            for tool, pkg in HOST_PACKAGES.items()
+            if not shutil.which(tool) or (tool == "busybox" and not _static(shutil.which(tool)))
+        }
+    )
     if not missing:
         return
     if os.geteuid() != 0:
@@ -249,8 +268,9 @@ def ensure_initramfs(cache: Path, modules_dir: Path) -> Path:
         (root / "init").chmod(0o755)
         (root / "bin" / "busybox").chmod(0o755)
         names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-        proc = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input="\n".join(names).encode(),
-                              capture_output=True)
+        proc = subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input="\n".join(names).encode(), capture_output=True
+        )
         if proc.returncode != 0:
             raise VMError(f"cpio failed: {proc.stderr.decode()[-500:]}")
         tmp_out = Path(tmp) / out.name
@@ -305,8 +325,7 @@ class _Pump(threading.Thread):
         self.server.close()
 
 
-def run(command: list[str], topo: Topology, *, timeout: float, scratch: Path | None, accel: str,
-        verbose: bool) -> int:
+def run(command: list[str], topo: Topology, *, timeout: float, scratch: Path | None, accel: str, verbose: bool) -> int:
     ensure_host_packages()
     cache = cache_dir() / "guest"
     cache.mkdir(parents=True, exist_ok=True)
@@ -324,16 +343,38 @@ def run(command: list[str], topo: Topology, *, timeout: float, scratch: Path | N
             p.start()
         accel_arg = "kvm" if accel == "kvm" else "tcg,thread=multi"
         qemu = [
-            "qemu-system-x86_64", "-accel", accel_arg, "-cpu", "host" if accel == "kvm" else "max",
+            "qemu-system-x86_64",
+            "-accel",
+            accel_arg,
+            "-cpu",
+            "host" if accel == "kvm" else "max",
             *topo.qemu_args(),
-            "-kernel", str(vmlinuz), "-initrd", str(initramfs),
-            "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off numa_vm.scratch={scratch_dir}",
-            "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
-            "-serial", "stdio",
-            "-chardev", f"socket,id=out,path={work / 'stdout.sock'}", "-serial", "chardev:out",
-            "-chardev", f"socket,id=err,path={work / 'stderr.sock'}", "-serial", "chardev:err",
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={scratch_dir},mount_tag=scratch,security_model=none,multidevs=remap",
+            "-kernel",
+            str(vmlinuz),
+            "-initrd",
+            str(initramfs),
+            "-append",
+            f"console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off numa_vm.scratch={scratch_dir}",
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-chardev",
+            f"socket,id=out,path={work / 'stdout.sock'}",
+            "-serial",
+            "chardev:out",
+            "-chardev",
+            f"socket,id=err,path={work / 'stderr.sock'}",
+            "-serial",
+            "chardev:err",
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs",
+            f"local,path={scratch_dir},mount_tag=scratch,security_model=none,multidevs=remap",
         ]
         t0 = time.monotonic()
         proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -376,8 +417,10 @@ def run(command: list[str], topo: Topology, *, timeout: float, scratch: Path | N
             _tail(console)
             return EXIT_GUEST_FAILED
         if "EXIT" not in marks:
-            log(f"the guest stopped without running the command to its end (qemu exit {proc.returncode}). "
-                "Its console's last lines:")
+            log(
+                f"the guest stopped without running the command to its end (qemu exit {proc.returncode}). "
+                "Its console's last lines:"
+            )
             _tail(console)
             return EXIT_GUEST_FAILED
         return int(marks["EXIT"])
@@ -389,20 +432,37 @@ def _tail(lines: collections.deque[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="build/numa_vm.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="build/numa_vm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--nodes", type=int, default=2, help="NUMA nodes (default 2)")
     ap.add_argument("--cpus-per-node", default="1", help="CPUs per node: N, or N0,N1,... (0: a memory-only node)")
     ap.add_argument("--mem-per-node", default="1G", help="memory per node: SIZE, or S0,S1,... (default 1G)")
-    ap.add_argument("--distance", action="append", default=[], metavar="SRC-DST=VAL",
-                    help="NUMA distance between two nodes (repeatable; default: QEMU's 10/20)")
-    ap.add_argument("--timeout", type=float, default=float(os.environ.get("NUMA_VM_TIMEOUT", 1800)),
-                    help="seconds before the guest is killed (default 1800, or $NUMA_VM_TIMEOUT)")
+    ap.add_argument(
+        "--distance",
+        action="append",
+        default=[],
+        metavar="SRC-DST=VAL",
+        help="NUMA distance between two nodes (repeatable; default: QEMU's 10/20)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("NUMA_VM_TIMEOUT", 1800)),
+        help="seconds before the guest is killed (default 1800, or $NUMA_VM_TIMEOUT)",
+    )
     ap.add_argument("--scratch", help="writable directory shared with the guest (default: a temporary one)")
-    ap.add_argument("--accel", choices=["tcg", "kvm"], default="tcg",
-                    help="tcg (default; works everywhere) or kvm (where nested KVM works)")
-    ap.add_argument("--or-host", action="store_true",
-                    help="run COMMAND directly when this machine itself has at least --nodes NUMA nodes")
+    ap.add_argument(
+        "--accel",
+        choices=["tcg", "kvm"],
+        default="tcg",
+        help="tcg (default; works everywhere) or kvm (where nested KVM works)",
+    )
+    ap.add_argument(
+        "--or-host",
+        action="store_true",
+        help="run COMMAND directly when this machine itself has at least --nodes NUMA nodes",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="show the guest console and the boot time")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     args = ap.parse_args(argv)
@@ -414,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(command).returncode
     try:
         topo = Topology.build(args.nodes, args.cpus_per_node, args.mem_per_node, args.distance)
-        return run(command, topo, timeout=args.timeout, scratch=args.scratch, accel=args.accel,
-                   verbose=args.verbose)
+        return run(command, topo, timeout=args.timeout, scratch=args.scratch, accel=args.accel, verbose=args.verbose)
     except (ValueError, VMError) as e:
         log(str(e))
         return 2

@@ -57,8 +57,14 @@ class SeriesError(RuntimeError):
     """A series operation failed; the message says what to do."""
 
 
-def git(tree: Path, *args: str, check: bool = True, date: str | None = None, env_extra: dict[str, str] | None = None,
-        stdin: str | None = None) -> subprocess.CompletedProcess:
+def git(
+    tree: Path,
+    *args: str,
+    check: bool = True,
+    date: str | None = None,
+    env_extra: dict[str, str] | None = None,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(
         GIT_COMMITTER_NAME=env.get("GIT_COMMITTER_NAME", "numa-llama build"),
@@ -68,8 +74,12 @@ def git(tree: Path, *args: str, check: bool = True, date: str | None = None, env
     for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
         env.pop(key, None)
     if date:
-        env.update(GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date,
-                   GIT_AUTHOR_NAME="upstream", GIT_AUTHOR_EMAIL="upstream@numa-llama.invalid")
+        env.update(
+            GIT_AUTHOR_DATE=date,
+            GIT_COMMITTER_DATE=date,
+            GIT_AUTHOR_NAME="upstream",
+            GIT_AUTHOR_EMAIL="upstream@numa-llama.invalid",
+        )
     env.update(env_extra or {})
     cfg = [a for c in _GIT_CONFIG for a in ("-c", c)]
     proc = subprocess.run(["git", *cfg, *args], cwd=tree, env=env, capture_output=True, text=True, input=stdin)
@@ -148,8 +158,10 @@ class Series:
         if (self.tree / ".git").exists():
             if git(self.tree, "rev-parse", "-q", "--verify", f"refs/tags/{BASE_TAG}", check=False).returncode == 0:
                 return False
-            raise SeriesError(f"{self.tree} is a git repository without the '{BASE_TAG}' tag: "
-                              "not made by build/; remove it and fetch again")
+            raise SeriesError(
+                f"{self.tree} is a git repository without the '{BASE_TAG}' tag: "
+                "not made by build/; remove it and fetch again"
+            )
         git(self.tree, "init", "-q", "-b", BRANCH)
         exclude = self.tree / ".git" / "info" / "exclude"
         exclude.parent.mkdir(parents=True, exist_ok=True)
@@ -186,9 +198,7 @@ class Series:
     def is_applied(self) -> bool:
         state = self._state()
         return (
-            state.get("digest") == _digest(self.patches())
-            and state.get("head") == self._head()
-            and not self._dirty()
+            state.get("digest") == _digest(self.patches()) and state.get("head") == self._head() and not self._dirty()
         )
 
     # -- apply / export ----------------------------------------------------
@@ -209,11 +219,15 @@ class Series:
         base = git(self.tree, "rev-parse", BASE_TAG).stdout.strip()
         if not force:
             if self._dirty():
-                raise SeriesError(f"{self.display} has uncommitted changes; commit them and run export, "
-                                  "or discard them and apply with --force")
+                raise SeriesError(
+                    f"{self.display} has uncommitted changes; commit them and run export, "
+                    "or discard them and apply with --force"
+                )
             if head not in (base, state.get("head")):
-                raise SeriesError(f"{self.display} has commits that are not in the exported series; "
-                                  "run export to keep them, or apply with --force to drop them")
+                raise SeriesError(
+                    f"{self.display} has commits that are not in the exported series; "
+                    "run export to keep them, or apply with --force to drop them"
+                )
         git(self.tree, "checkout", "-q", "-f", "-B", BRANCH, BASE_TAG)
         patches = self.patches()
         if patches:
@@ -312,8 +326,10 @@ class Series:
             problems.append(f"apply+export gives {list(fresh)}, but series lists {list(committed)}")
         for name, data in committed.items():
             if name in fresh and fresh[name] != data:
-                problems.append(f"{name}: apply+export does not reproduce it byte for byte "
-                                "(applied with an offset, or not exported with build/sync.py export)")
+                problems.append(
+                    f"{name}: apply+export does not reproduce it byte for byte "
+                    "(applied with an offset, or not exported with build/sync.py export)"
+                )
         return problems
 
 

@@ -37,9 +37,19 @@ import ggml_tests  # noqa: E402
 VENDOR = bench_build.PATCHED_TREE
 BASE_REF = bench_build.BASE_REF
 FLAVOR = "guest-avx2"
-BACKEND_OPS = ["-b", "CPU", "--numa", "migrate", "-t", "2", "-o", "MUL_MAT,MUL_MAT_ID",
-               "-p", r"^type_a=(f16|q4_0|q8_0|q4_K|q6_K),type_b=f32,(m=16,n=(1|9),k=256,bs=\[1,1\],nr=\[1,1\]|"
-                     r"n_mats=4,n_used=2,b=0,m=512,n=(1|32),k=256)"]
+BACKEND_OPS = [
+    "-b",
+    "CPU",
+    "--numa",
+    "migrate",
+    "-t",
+    "2",
+    "-o",
+    "MUL_MAT,MUL_MAT_ID",
+    "-p",
+    r"^type_a=(f16|q4_0|q8_0|q4_K|q6_K),type_b=f32,(m=16,n=(1|9),k=256,bs=\[1,1\],nr=\[1,1\]|"
+    r"n_mats=4,n_used=2,b=0,m=512,n=(1|32),k=256)",
+]
 
 
 @dataclass
@@ -53,8 +63,11 @@ class Step:
 
 
 def series_commits() -> list[tuple[str, str]]:
-    out = subprocess.run(["git", "-C", str(VENDOR), "log", "--reverse", "--format=%H %s", f"{BASE_REF}..HEAD"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "-C", str(VENDOR), "log", "--reverse", "--format=%H %s", f"{BASE_REF}..HEAD"],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise native.BuildError(f"{VENDOR}: {out.stderr.strip()} (run python build/sync.py apply)")
     return [tuple(line.split(" ", 1)) for line in out.stdout.splitlines()]  # type: ignore[misc]

@@ -45,8 +45,14 @@ def git(tree: Path, *args: str, env_extra: dict[str, str] | None = None, stdin: 
 def commit_env(tree: Path, commit: str) -> dict[str, str]:
     """The author and committer of ``commit``, so that the rewritten commit differs only in its tree."""
     fields = git(tree, "log", "-1", "--format=%an%x00%ae%x00%ad%x00%cn%x00%ce%x00%cd", "--date=raw", commit).split("\0")
-    keys = ["GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_AUTHOR_DATE",
-            "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "GIT_COMMITTER_DATE"]
+    keys = [
+        "GIT_AUTHOR_NAME",
+        "GIT_AUTHOR_EMAIL",
+        "GIT_AUTHOR_DATE",
+        "GIT_COMMITTER_NAME",
+        "GIT_COMMITTER_EMAIL",
+        "GIT_COMMITTER_DATE",
+    ]
     return dict(zip(keys, fields, strict=True))
 
 
@@ -68,8 +74,20 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
             subject = git(tree, "log", "-1", "--format=%s", commit)
             git(scratch, "checkout", "-q", "--detach", "-f", commit)
             files = added_files(tree, commit)
-            proc = run_git(scratch, "clang-format", "--binary", exe, "--extensions", ",".join(CLANG_FORMAT_EXTENSIONS),
-                           "-q", "-f", BASE_TAG, "--", *files, check=False)
+            proc = run_git(
+                scratch,
+                "clang-format",
+                "--binary",
+                exe,
+                "--extensions",
+                ",".join(CLANG_FORMAT_EXTENSIONS),
+                "-q",
+                "-f",
+                BASE_TAG,
+                "--",
+                *files,
+                check=False,
+            )
             if proc.returncode not in (0, 1):  # 1: it changed files
                 raise SystemExit(f"git clang-format on {subject}: {proc.stderr.strip() or proc.stdout.strip()}")
             git(scratch, "add", "-u")
@@ -77,8 +95,7 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
             if new_tree != git(tree, "rev-parse", f"{commit}^{{tree}}"):
                 changed.append(subject)
             message = git(tree, "log", "-1", "--format=%B", commit)
-            parent = git(tree, "commit-tree", new_tree, "-p", parent, stdin=message,
-                         env_extra=commit_env(tree, commit))
+            parent = git(tree, "commit-tree", new_tree, "-p", parent, stdin=message, env_extra=commit_env(tree, commit))
             log(f"{'formatted' if subject in changed else 'unchanged'}  {subject}")
     finally:
         git(tree, "worktree", "remove", "--force", str(scratch))
@@ -86,8 +103,9 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="build/series_format.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="build/series_format.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tree", type=Path, default=PATCHED_TREE)
     ap.add_argument("--scratch", type=Path, default=HERE.parent / "_build" / "format" / "llama.cpp")
     args = ap.parse_args(argv)
@@ -103,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     git(args.tree, "branch", "-f", "pre-format", head)
     git(args.tree, "reset", "-q", "--hard", new_head)
-    print(f"{len(changed)} patch(es) re-formatted; the old head is the branch pre-format. "
-          "Now: python build/sync.py export && python build/sync.py check")
+    print(
+        f"{len(changed)} patch(es) re-formatted; the old head is the branch pre-format. "
+        "Now: python build/sync.py export && python build/sync.py check"
+    )
     return 0
 
 

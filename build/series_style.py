@@ -42,9 +42,11 @@ PATCHES = ROOT / "patches" / "llama.cpp"
 TREE = ROOT / "vendor" / "llama.cpp"
 MAX_GUARDS = 6
 SUBJECT = re.compile(r"^[\w./+-]+(?:, ?[\w./+-]+)* : \S")
-CODE_COMMENT = re.compile(r"^\s*//\s*(?:(?:if|for|while|return|else|switch)\b.*[;{)]\s*$"
-                          r"|[\w.>\[\]-]+\s*[-+*/]?=\s*[^=].*;\s*$"
-                          r"|[\w:]+\([^)]*\)\s*;\s*$)")
+CODE_COMMENT = re.compile(
+    r"^\s*//\s*(?:(?:if|for|while|return|else|switch)\b.*[;{)]\s*$"
+    r"|[\w.>\[\]-]+\s*[-+*/]?=\s*[^=].*;\s*$"
+    r"|[\w:]+\([^)]*\)\s*;\s*$)"
+)
 SOURCE = re.compile(r"\.(c|cc|cpp|h|hpp|cu|m)$")
 CLANG_FORMAT_VERSION = "21.1.8"  # formats differ between releases: the gate needs exactly this one
 CLANG_FORMAT_EXTENSIONS = ("c", "cc", "cpp", "h", "hpp")
@@ -116,8 +118,9 @@ def patch_problems(p: Patch) -> list[str]:
 
 def tree_problems(tree: Path) -> list[str]:
     out: list[str] = []
-    guards = subprocess.run(["git", "grep", "-n", "GGML_USE_CPU_NUMA"], cwd=tree, capture_output=True,
-                            text=True).stdout.splitlines()
+    guards = subprocess.run(
+        ["git", "grep", "-n", "GGML_USE_CPU_NUMA"], cwd=tree, capture_output=True, text=True
+    ).stdout.splitlines()
     if len(guards) > MAX_GUARDS:
         out.append(f"{len(guards)} lines name GGML_USE_CPU_NUMA (at most {MAX_GUARDS}):\n    " + "\n    ".join(guards))
     new_cpp = [f for f in added_files(tree, "HEAD") if f.endswith(".cpp")]
@@ -127,12 +130,27 @@ def tree_problems(tree: Path) -> list[str]:
         if cxx is None:
             out.append("no C++ compiler to check the added files with -Werror")
             break
-        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DGGML_USE_CPU_NUMA",
-               "-Iggml/include", "-Iggml/src", "-Iggml/src/ggml-cpu", "-Icommon", "-Iinclude", f]
+        cmd = [
+            cxx,
+            "-std=c++17",
+            "-fsyntax-only",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-DGGML_USE_CPU_NUMA",
+            "-Iggml/include",
+            "-Iggml/src",
+            "-Iggml/src/ggml-cpu",
+            "-Icommon",
+            "-Iinclude",
+            f,
+        ]
         proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
         if proc.returncode != 0:
-            out.append(f"{f} does not compile with -Wall -Wextra -Werror:\n    "
-                       + "\n    ".join(proc.stderr.strip().splitlines()[:10]))
+            out.append(
+                f"{f} does not compile with -Wall -Wextra -Werror:\n    "
+                + "\n    ".join(proc.stderr.strip().splitlines()[:10])
+            )
     return out
 
 
@@ -147,8 +165,10 @@ def clang_format_exe() -> str:
         if re.search(rf"version {re.escape(CLANG_FORMAT_VERSION)}\b", version):
             return str(exe)
         seen.append(f"{exe}: {version}")
-    raise StyleToolError(f"clang-format {CLANG_FORMAT_VERSION} not found ({'; '.join(seen) or 'none installed'}): "
-                         f"pip install clang-format=={CLANG_FORMAT_VERSION} (the test extra pins it)")
+    raise StyleToolError(
+        f"clang-format {CLANG_FORMAT_VERSION} not found ({'; '.join(seen) or 'none installed'}): "
+        f"pip install clang-format=={CLANG_FORMAT_VERSION} (the test extra pins it)"
+    )
 
 
 def added_files(tree: Path, commit: str) -> list[str]:
@@ -160,8 +180,19 @@ def added_files(tree: Path, commit: str) -> list[str]:
 def clang_format_diff(tree: Path, exe: str, old: str, new: str, files: list[str] | None) -> str:
     """What clang-format would change in the lines that differ between ``old`` and ``new`` (all source files, or
     ``files``); empty when nothing."""
-    proc = git(tree, "clang-format", "--binary", exe, "--diff", "--extensions", ",".join(CLANG_FORMAT_EXTENSIONS),
-               old, new, *(["--", *files] if files else []), check=False)
+    proc = git(
+        tree,
+        "clang-format",
+        "--binary",
+        exe,
+        "--diff",
+        "--extensions",
+        ",".join(CLANG_FORMAT_EXTENSIONS),
+        old,
+        new,
+        *(["--", *files] if files else []),
+        check=False,
+    )
     if "error:" in proc.stderr or proc.returncode not in (0, 1):
         raise StyleToolError(f"git clang-format {old} {new}: {proc.stderr.strip()[:500]}")
     diff = proc.stdout
@@ -173,8 +204,10 @@ def clang_format_problems(tree: Path, names: list[str]) -> list[str]:
     exe = clang_format_exe()
     commits = git(tree, "rev-list", "--reverse", f"{BASE_TAG}..HEAD").stdout.split()
     if len(commits) != len(names):
-        return [f"{tree}: {len(commits)} commit(s) on {BASE_TAG}, but the series lists {len(names)} patch(es) "
-                "(python build/sync.py apply)"]
+        return [
+            f"{tree}: {len(commits)} commit(s) on {BASE_TAG}, but the series lists {len(names)} patch(es) "
+            "(python build/sync.py apply)"
+        ]
     out: list[str] = []
     for name, commit in zip(names, commits, strict=True):
         files = added_files(tree, commit)
@@ -183,10 +216,14 @@ def clang_format_problems(tree: Path, names: list[str]) -> list[str]:
             continue
         hunks = [line for line in diff.splitlines() if line.startswith("@@")]
         files = sorted({line[6:] for line in diff.splitlines() if line.startswith("+++ b/")})
-        first = next((line for line in diff.splitlines() if line.startswith(("-", "+"))
-                      and not line.startswith(("---", "+++"))), "")
-        out.append(f"{name}: clang-format would change {len(hunks)} place(s) in the lines it adds "
-                   f"({', '.join(files)}; first: {first.strip()[:70]!r}); python build/series_format.py re-formats")
+        first = next(
+            (line for line in diff.splitlines() if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))),
+            "",
+        )
+        out.append(
+            f"{name}: clang-format would change {len(hunks)} place(s) in the lines it adds "
+            f"({', '.join(files)}; first: {first.strip()[:70]!r}); python build/series_format.py re-formats"
+        )
     return out
 
 
@@ -198,22 +235,32 @@ def clang_format_report(tree: Path) -> str:
     upstream_files = [f for f in changed if f not in new and f.rsplit(".", 1)[-1] in CLANG_FORMAT_EXTENSIONS]
     diff = clang_format_diff(tree, exe, BASE_TAG, "HEAD", upstream_files) if upstream_files else ""
     places = sum(line.startswith("@@") for line in diff.splitlines())
-    return (f"clang-format: {places} place(s) in the series' lines in upstream's own files would change "
-            f"({len(upstream_files)} file(s); not gated: they follow the code around them)")
+    return (
+        f"clang-format: {places} place(s) in the series' lines in upstream's own files would change "
+        f"({len(upstream_files)} file(s); not gated: they follow the code around them)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="build/series_style.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="build/series_style.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--patches", type=Path, default=PATCHES)
     ap.add_argument("--tree", type=Path, default=TREE, help="the vendor tree with the series applied")
-    ap.add_argument("--no-clang-format", action="store_true",
-                    help="skip the clang-format gate (the result then says so)")
-    ap.add_argument("--clang-format-report", action="store_true",
-                    help="also count clang-format's changes in the series' lines in upstream's own files")
+    ap.add_argument(
+        "--no-clang-format", action="store_true", help="skip the clang-format gate (the result then says so)"
+    )
+    ap.add_argument(
+        "--clang-format-report",
+        action="store_true",
+        help="also count clang-format's changes in the series' lines in upstream's own files",
+    )
     args = ap.parse_args(argv)
-    listed = [line.strip() for line in (args.patches / "series").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    listed = [
+        line.strip()
+        for line in (args.patches / "series").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     patches = [parse_patch(args.patches / name) for name in listed]
     problems = [msg for p in patches for msg in patch_problems(p)]
     if (args.tree / ".git").exists():

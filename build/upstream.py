@@ -113,8 +113,15 @@ def download(pin: Pin, dest: Path, log=print, check: bool = True) -> Path:
     # --no-binary for this one package only: its build requirements may come
     # as wheels, which keeps pip's metadata step to seconds.
     cmd = [
-        *_pip(), "download", "--no-deps", "--disable-pip-version-check",
-        "--no-binary", "llama-cpp-python", f"llama-cpp-python=={pin.version}", "-d", str(dest),
+        *_pip(),
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--no-binary",
+        "llama-cpp-python",
+        f"llama-cpp-python=={pin.version}",
+        "-d",
+        str(dest),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not sdist.exists():
@@ -151,8 +158,7 @@ def fetch(vendor: Path = ROOT / "vendor", pin: Pin | None = None, log=print) -> 
     """Make ``vendor/`` hold the pinned trees. Returns False if nothing was to do."""
     pin = pin or Pin.load()
     if is_fetched(vendor, pin):
-        log(f"vendor/ already holds llama-cpp-python {pin.version} "
-            f"(llama.cpp {pin.llama_cpp_commit}): nothing to do")
+        log(f"vendor/ already holds llama-cpp-python {pin.version} (llama.cpp {pin.llama_cpp_commit}): nothing to do")
         return False
     sdist = download(pin, cache_dir(), log=log)
     log(f"verified {sdist.name} sha256 {pin.sha256[:16]}...; unpacking into {vendor}")

@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from numa_llama._build import BuildInfo, StockLlamaCppError, build_info, require_patched_llama_cpp
 
-__all__ = ["BuildInfo", "StockLlamaCppError", "build_info", "require_patched_llama_cpp", "__version__",
-           "topology", "placement", "locality", "stats"]
+__all__ = [
+    "BuildInfo",
+    "StockLlamaCppError",
+    "build_info",
+    "require_patched_llama_cpp",
+    "__version__",
+    "topology",
+    "placement",
+    "locality",
+    "stats",
+]
 __version__ = "0.1.0"
 
 require_patched_llama_cpp()

@@ -61,9 +61,7 @@ def system_features(lib: ModuleType | None = None) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     # "CPU : SSE3 = 1 | AVX = 1 | ... | " per backend
     for m in re.finditer(r"(\w[\w ]*?) : ((?:[\w.]+ = [^|]*\| ?)+)", text):
-        feats = dict(
-            (k.strip(), v.strip()) for k, v in (kv.split("=", 1) for kv in m.group(2).split("|") if "=" in kv)
-        )
+        feats = dict((k.strip(), v.strip()) for k, v in (kv.split("=", 1) for kv in m.group(2).split("|") if "=" in kv))
         out[m.group(1).strip()] = feats
     return out
 

@@ -60,15 +60,19 @@ class TensorPlacement:
     @property
     def pages_off_plan(self) -> int:
         """Pages that a slab holds whole but the kernel has elsewhere (or cannot map: any errno but ENOENT)."""
-        return sum(1 for want, got in zip(self.intended, self.actual, strict=True)
-                   if want >= 0 and got != want and got != -errno.ENOENT)
+        return sum(
+            1
+            for want, got in zip(self.intended, self.actual, strict=True)
+            if want >= 0 and got != want and got != -errno.ENOENT
+        )
 
     @property
     def pages_not_present(self) -> int:
         """Pages that a slab holds whole and the kernel reports as not present (``-ENOENT``: never touched, or see
         ``kernel.page_nodes``): the query names no node for them, so they are not counted off plan."""
-        return sum(1 for want, got in zip(self.intended, self.actual, strict=True)
-                   if want >= 0 and got == -errno.ENOENT)
+        return sum(
+            1 for want, got in zip(self.intended, self.actual, strict=True) if want >= 0 and got == -errno.ENOENT
+        )
 
     @property
     def pages_boundary(self) -> int:
@@ -102,18 +106,26 @@ def placement(llm: Llama | None = None) -> list[TensorPlacement]:
     for p in placed:
         first = p.data // base_page * base_page
         addrs = list(range(first, p.data + p.nbytes, base_page))
-        slabs = tuple(SlabPlan(s.node, s.row_begin, s.row_end, (s.row_end - s.row_begin) * p.row_bytes * p.n_matrices)
-                      for s in p.slabs)
-        out.append(TensorPlacement(p.name, p.data, p.nbytes, slabs, base_page, _intended(p, base_page),
-                                   tuple(kernel.page_nodes(addrs))))
+        slabs = tuple(
+            SlabPlan(s.node, s.row_begin, s.row_end, (s.row_end - s.row_begin) * p.row_bytes * p.n_matrices)
+            for s in p.slabs
+        )
+        out.append(
+            TensorPlacement(
+                p.name, p.data, p.nbytes, slabs, base_page, _intended(p, base_page), tuple(kernel.page_nodes(addrs))
+            )
+        )
     if placed or llm is None or not _mmapped(llm):
         return out
     for w in mapped_weights(llm.model_path):
         nbytes = w.n_rows * w.row_bytes * w.n_matrices
         first = w.address // base_page * base_page
         addrs = list(range(first, w.address + nbytes, base_page))
-        out.append(TensorPlacement(w.name, w.address, nbytes, (), base_page, (BOUNDARY,) * len(addrs),
-                                   tuple(kernel.page_nodes(addrs))))
+        out.append(
+            TensorPlacement(
+                w.name, w.address, nbytes, (), base_page, (BOUNDARY,) * len(addrs), tuple(kernel.page_nodes(addrs))
+            )
+        )
     return out
 
 
@@ -150,13 +162,17 @@ def locality(llm: Llama) -> Locality:
     if len(nodes) == 1:
         strategy = "distribute"  # one node: every strategy is "thread i on node 0, stock chunks", nothing placed
     if strategy not in ("migrate", "distribute"):
-        raise ValueError(f"locality: numa={strategy!r} does not pin threads to nodes on this {len(nodes)}-node "
-                         "machine, so which node reads which row is not defined; use migrate or distribute")
+        raise ValueError(
+            f"locality: numa={strategy!r} does not pin threads to nodes on this {len(nodes)}-node "
+            "machine, so which node reads which row is not defined; use migrate or distribute"
+        )
     if _mmapped(llm):
         return decode_locality(llm.model_path, strategy, n_threads)
     if strategy != "migrate" or not hooks.placements():
-        raise ValueError("locality: the model is not mmap'd and no weight was placed, so its weights cannot be "
-                         "found; load it with use_mmap=True")
+        raise ValueError(
+            "locality: the model is not mmap'd and no weight was placed, so its weights cannot be "
+            "found; load it with use_mmap=True"
+        )
     return _placed_locality(n_threads)
 
 
@@ -189,6 +205,14 @@ def stats(llm: Llama | None = None, n_threads: int | None = None) -> Stats:
         n_threads = int(llm.context_params.n_threads) if llm is not None else os.cpu_count() or 1
     st = hooks.stats()
     waits = hooks.barrier_stats(n_threads)
-    return Stats(st["tensors"], st["pages"], st["pages_in_place"], st["pages_moved"], st["pages_failed"],
-                 st["pages_boundary"], {k.removeprefix("failed_"): v for k, v in st.items() if k.startswith("failed_")},
-                 tuple(w.wait_ns for w in waits), tuple(w.waits for w in waits))
+    return Stats(
+        st["tensors"],
+        st["pages"],
+        st["pages_in_place"],
+        st["pages_moved"],
+        st["pages_failed"],
+        st["pages_boundary"],
+        {k.removeprefix("failed_"): v for k, v in st.items() if k.startswith("failed_")},
+        tuple(w.wait_ns for w in waits),
+        tuple(w.waits for w in waits),
+    )

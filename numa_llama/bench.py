@@ -41,8 +41,22 @@ class Config:
     threads: int | None = None  # its own thread count (the one-node baseline: that node's CPUs)
 
     def argv(self, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> list[str]:
-        args = [*self.prefix, str(self.exe), "-m", str(model), "-t", str(self.threads or threads), "-p", str(pp),
-                "-n", str(tg), "-r", str(reps), "-o", "json"]
+        args = [
+            *self.prefix,
+            str(self.exe),
+            "-m",
+            str(model),
+            "-t",
+            str(self.threads or threads),
+            "-p",
+            str(pp),
+            "-n",
+            str(tg),
+            "-r",
+            str(reps),
+            "-o",
+            "json",
+        ]
         if self.numa is not None:
             args += ["--numa", self.numa]
         return args
@@ -50,8 +64,13 @@ class Config:
 
 def one_node_baseline(exe: Path, node: int, cpus: int) -> Config:
     """PR #14232's recipe: the same binary confined to one node, memory and CPUs (``numactl -m N -N N``)."""
-    return Config(f"one-node (numactl -m {node} -N {node}, {cpus} threads)", exe, None,
-                  ("numactl", "-m", str(node), "-N", str(node)), cpus)
+    return Config(
+        f"one-node (numactl -m {node} -N {node}, {cpus} threads)",
+        exe,
+        None,
+        ("numactl", "-m", str(node), "-N", str(node)),
+        cpus,
+    )
 
 
 def sweep_counts(per_node_cpus: Sequence[int]) -> list[int]:
@@ -93,8 +112,9 @@ class Result:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["median_tokens_per_s"] = {lab: {t: self.median(lab, t) for t in self.tests} for lab in self.samples}
-        d["ratio_to_baseline"] = {lab: {t: self.ratio(lab, t) for t in self.tests}
-                                  for lab in self.samples if lab != self.baseline}
+        d["ratio_to_baseline"] = {
+            lab: {t: self.ratio(lab, t) for t in self.tests} for lab in self.samples if lab != self.baseline
+        }
         return d
 
     def markdown(self) -> str:
@@ -129,8 +149,16 @@ def run_once(cfg: Config, model: Path, threads: int, pp: int, tg: int, reps: int
     return {test_name(r): float(r["avg_ts"]) for r in records}
 
 
-def compare(configs: Sequence[Config], model: Path, threads: int, rounds: int = 5, pp: int = 512,
-            tg: int = 128, reps: int = 1, progress: Callable[[str], None] | None = None) -> Result:
+def compare(
+    configs: Sequence[Config],
+    model: Path,
+    threads: int,
+    rounds: int = 5,
+    pp: int = 512,
+    tg: int = 128,
+    reps: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> Result:
     """Run every configuration ``rounds`` times, interleaved (A B C, B C A, C A B, ...)."""
     if not configs:
         raise BenchError("nothing to compare")
@@ -140,8 +168,9 @@ def compare(configs: Sequence[Config], model: Path, threads: int, rounds: int = 
     if not model.is_file():
         raise BenchError(f"model file not found: {model}")
     tests = [t for t in (f"pp{pp}" if pp else "", f"tg{tg}" if tg else "") if t]
-    res = Result(str(model), threads, rounds, configs[0].label, tests,
-                 {c.label: {t: [] for t in tests} for c in configs})
+    res = Result(
+        str(model), threads, rounds, configs[0].label, tests, {c.label: {t: [] for t in tests} for c in configs}
+    )
     for r in range(rounds):
         order = [configs[(r + k) % len(configs)] for k in range(len(configs))]
         for k, cfg in enumerate(order):
@@ -164,8 +193,9 @@ def source_checkout(start: Path | None = None) -> Path:
     for c in candidates:
         if (c / "build" / "bench_build.py").is_file():
             return c
-    raise BenchError("building llama-bench needs the numa-llama source checkout: run from it, "
-                     "or set NUMA_LLAMA_SOURCE to it")
+    raise BenchError(
+        "building llama-bench needs the numa-llama source checkout: run from it, or set NUMA_LLAMA_SOURCE to it"
+    )
 
 
 def build(which: str, checkout: Path, log: Callable[[str], None] | None = None, variant: str | None = None) -> Path:
@@ -189,8 +219,7 @@ def instructions(cfg: Config, model: Path, n_gen: int) -> int:
     """Instructions callgrind counts for one llama-bench process generating ``n_gen`` tokens (1 thread)."""
     if shutil.which("valgrind") is None:
         raise BenchError("--callgrind needs valgrind (apt-get install valgrind)")
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-           *cfg.argv(model, 1, 0, n_gen, 1)]
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cfg.argv(model, 1, 0, n_gen, 1)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"Collected : (\d+)", proc.stderr)
     if proc.returncode != 0 or m is None:

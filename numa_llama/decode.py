@@ -89,8 +89,11 @@ def gguf_weights(model_path: str | os.PathLike[str]) -> list[GGUFWeight]:
         n_mat = 1
         for x in shape[2:]:
             n_mat *= x
-        out.append(GGUFWeight(t.name, t.tensor_type.name, shape[0], shape[1], n_mat, shape[0] // block * type_size,
-                              int(t.data_offset)))
+        out.append(
+            GGUFWeight(
+                t.name, t.tensor_type.name, shape[0], shape[1], n_mat, shape[0] // block * type_size, int(t.data_offset)
+            )
+        )
     return out
 
 
@@ -122,9 +125,14 @@ def node_ranks(thread_node: Sequence[int]) -> list[tuple[int, int]]:
     return [(thread_node[:i].count(node), thread_node.count(node)) for i, node in enumerate(thread_node)]
 
 
-def thread_rows(strategy: str, n_rows: int, n_threads: int, thread_node: Sequence[int],
-                slabs: Sequence[hooks.Slab] | None,
-                ranks: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+def thread_rows(
+    strategy: str,
+    n_rows: int,
+    n_threads: int,
+    thread_node: Sequence[int],
+    slabs: Sequence[hooks.Slab] | None,
+    ranks: Sequence[tuple[int, int]] | None = None,
+) -> list[tuple[int, int]]:
     """The rows of one matrix that each thread multiplies in a decode step (``ranks``: ``node_ranks``, if known)."""
     if strategy == "distribute":
         chunk = -(-n_rows // n_threads)
@@ -133,8 +141,10 @@ def thread_rows(strategy: str, n_rows: int, n_threads: int, thread_node: Sequenc
         if not slabs:
             raise ValueError("migrate: no split plan for this weight (was it placed?)")
         by_node = {s.node: s for s in slabs}
-        return [_share(by_node[node].row_begin, by_node[node].row_end, rank, n)
-                for node, (rank, n) in zip(thread_node, ranks or node_ranks(thread_node), strict=True)]
+        return [
+            _share(by_node[node].row_begin, by_node[node].row_end, rank, n)
+            for node, (rank, n) in zip(thread_node, ranks or node_ranks(thread_node), strict=True)
+        ]
     raise ValueError(f"decode locality is modelled for {STRATEGIES}, not {strategy!r}")
 
 
@@ -152,8 +162,9 @@ def decode_locality(model_path: str | os.PathLike[str], strategy: str, n_threads
     return weights_locality(strategy, thread_node, [(w, plans.get(w.address)) for w in mapped_weights(model_path)])
 
 
-def weights_locality(strategy: str, thread_node: tuple[int, ...],
-                     weights: Sequence[tuple[Weight, Sequence[hooks.Slab] | None]]) -> Locality:
+def weights_locality(
+    strategy: str, thread_node: tuple[int, ...], weights: Sequence[tuple[Weight, Sequence[hooks.Slab] | None]]
+) -> Locality:
     """decode_locality's count, for weights (with migrate's split plan of each) found by any means."""
     n_threads = len(thread_node)
     page = os.sysconf("SC_PAGESIZE")

@@ -19,8 +19,10 @@ from numa_llama import kernel
 from numa_llama.kernel import ffi, lib, page_nodes, page_spans  # noqa: F401  (re-exported: callers ask both)
 
 MAX_SLABS = 64  # GGML_CPU_NUMA_MAX_SLABS
-_STAT_FIELDS = ("tensors pages pages_in_place pages_moved pages_failed pages_boundary failed_eacces failed_ebusy "
-                "failed_enomem failed_cpuset failed_other").split()
+_STAT_FIELDS = (
+    "tensors pages pages_in_place pages_moved pages_failed pages_boundary failed_eacces failed_ebusy "
+    "failed_enomem failed_cpuset failed_other"
+).split()
 
 
 class HookUnavailable(RuntimeError):
@@ -111,8 +113,15 @@ def split_of(type_id: int, ne0: int, ne1: int, data: int, n_threads: int) -> tup
     return _split(s)
 
 
-def plan(n_threads: int, node_ids: Sequence[int], weights: Sequence[float], n_rows: int, row_bytes: int,
-         data: int, page_bytes: int) -> Split:
+def plan(
+    n_threads: int,
+    node_ids: Sequence[int],
+    weights: Sequence[float],
+    n_rows: int,
+    row_bytes: int,
+    data: int,
+    page_bytes: int,
+) -> Split:
     """The series' split plan for a topology given explicitly (``ggml_backend_cpu_numa_plan``: the library's code).
 
     ``n_threads`` are shared among the nodes by ``weights`` (largest remainder),
@@ -122,13 +131,19 @@ def plan(n_threads: int, node_ids: Sequence[int], weights: Sequence[float], n_ro
     if len(node_ids) != len(weights):
         raise ValueError(f"{len(node_ids)} node ids but {len(weights)} weights")
     if not 0 < len(node_ids) <= 4096 or n_threads < 0 or n_rows < 0 or row_bytes <= 0 or page_bytes <= 0:
-        raise ValueError(f"plan: nodes={len(node_ids)} threads={n_threads} rows={n_rows} row_bytes={row_bytes} "
-                         f"page_bytes={page_bytes}: out of range")
+        raise ValueError(
+            f"plan: nodes={len(node_ids)} threads={n_threads} rows={n_rows} row_bytes={row_bytes} "
+            f"page_bytes={page_bytes}: out of range"
+        )
     bind()
     threads = ffi.new("int[]", len(node_ids))
     s = ffi.new("struct ggml_backend_cpu_numa_split *")
-    _call(lib.nl_numa_plan(n_threads, len(node_ids), list(node_ids), list(weights), n_rows, row_bytes, data,
-                           page_bytes, threads, s), "ggml_backend_cpu_numa_plan")
+    _call(
+        lib.nl_numa_plan(
+            n_threads, len(node_ids), list(node_ids), list(weights), n_rows, row_bytes, data, page_bytes, threads, s
+        ),
+        "ggml_backend_cpu_numa_plan",
+    )
     return Split(_split(s), tuple(threads))
 
 
@@ -165,8 +180,20 @@ def placements() -> list[Placement]:
     out: list[Placement] = []
     p = ffi.new("struct ggml_backend_cpu_numa_placement *")
     while _call(lib.nl_numa_placement(len(out), p), "ggml_backend_cpu_numa_placement") == 1:
-        out.append(Placement(ffi.string(p.name).decode(), int(ffi.cast("uintptr_t", p.data)), p.nbytes, p.row_bytes,
-                             p.matrix_bytes, p.n_rows, p.n_matrices, p.n_threads, p.page_bytes, _split(p.split)))
+        out.append(
+            Placement(
+                ffi.string(p.name).decode(),
+                int(ffi.cast("uintptr_t", p.data)),
+                p.nbytes,
+                p.row_bytes,
+                p.matrix_bytes,
+                p.n_rows,
+                p.n_matrices,
+                p.n_threads,
+                p.page_bytes,
+                _split(p.split),
+            )
+        )
     return out
 
 

@@ -19,12 +19,20 @@ except ImportError as e:  # the source checkout's numa_llama, imported instead o
     raise ImportError(
         f"numa_llama._native is not built next to {__file__}: this is the source checkout's numa_llama, not the "
         "installed one (pip install . builds it). Run Python from elsewhere, or with -P (`python -P -m pytest`) "
-        "so the current directory does not come first on sys.path") from e
+        "so the current directory does not come first on sys.path"
+    ) from e
 
 MPOL_F_NODE = 1 << 0  # get_mempolicy: return the node of addr, not the policy
 MPOL_F_ADDR = 1 << 1  # get_mempolicy: the policy of the mapping at addr
-MPOL_MODES = {0: "default", 1: "preferred", 2: "bind", 3: "interleave", 4: "local", 5: "preferred_many",
-              6: "weighted_interleave"}
+MPOL_MODES = {
+    0: "default",
+    1: "preferred",
+    2: "bind",
+    3: "interleave",
+    4: "local",
+    5: "preferred_many",
+    6: "weighted_interleave",
+}
 _MAX_NODES = 1024
 
 
@@ -74,8 +82,9 @@ def move_pages(addresses: Sequence[int], node: int) -> list[int]:
     pages = ffi.new("void *[]", [ffi.cast("void *", a) for a in addresses])
     nodes = ffi.new("int[]", [node] * n)
     status = ffi.new("int[]", n)
-    _check(lib.nl_move_pages_to(n, pages, nodes, status),
-           f"move_pages ({n} page(s) from {addresses[0]:#x} to node {node})")
+    _check(
+        lib.nl_move_pages_to(n, pages, nodes, status), f"move_pages ({n} page(s) from {addresses[0]:#x} to node {node})"
+    )
     return list(status)
 
 
@@ -121,8 +130,10 @@ def mempolicy(address: int | None = None) -> MemPolicy:
 def node_of_address(address: int) -> int:
     """``get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)``: the node of the page at address (faulting it in if needed)."""
     mode = ffi.new("int *")
-    _check(lib.nl_get_mempolicy(mode, ffi.NULL, 0, ffi.cast("void *", address), MPOL_F_NODE | MPOL_F_ADDR),
-           f"get_mempolicy (the node of the page at {address:#x})")
+    _check(
+        lib.nl_get_mempolicy(mode, ffi.NULL, 0, ffi.cast("void *", address), MPOL_F_NODE | MPOL_F_ADDR),
+        f"get_mempolicy (the node of the page at {address:#x})",
+    )
     return mode[0]
 
 

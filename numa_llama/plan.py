@@ -55,8 +55,10 @@ def system_layout(n_threads: int | None = None, topo: sysfs.Topology | None = No
     weights = [float(len(n.usable_cpus)) for n in topo.nodes]
     override = env_weights(len(ids))
     if override is not None:
-        weights = [(override[i] if i < len(override) else weights[i]) if topo.nodes[i].usable_cpus else 0.0
-                   for i in range(len(ids))]
+        weights = [
+            (override[i] if i < len(override) else weights[i]) if topo.nodes[i].usable_cpus else 0.0
+            for i in range(len(ids))
+        ]
     if n_threads is None:
         n_threads = sum(len(n.usable_cpus) for n in topo.nodes)
     return layout(ids, weights, n_threads)
@@ -124,17 +126,27 @@ class ModelPlan:
     def as_dict(self) -> dict:
         return {
             "model": self.model,
-            "layout": {"nodes": list(self.layout.node_ids), "weights": list(self.layout.weights),
-                       "threads": list(self.layout.threads)},
+            "layout": {
+                "nodes": list(self.layout.node_ids),
+                "weights": list(self.layout.weights),
+                "threads": list(self.layout.threads),
+            },
             "page_bytes": self.page_bytes,
             "weight_bytes": self.nbytes,
             "node_bytes": {str(k): v for k, v in self.node_bytes().items()},
             "expected_locality": self.locality,
             "layers": {k: {str(n): b for n, b in v.items()} for k, v in self.layers().items()},
-            "tensors": [{"name": t.name, "type": t.type_name, "bytes": t.nbytes,
-                         "slabs": [[s.node, s.row_begin, s.row_end] for s in t.slabs],
-                         "node_bytes": {str(k): v for k, v in t.node_bytes.items()},
-                         "expected_locality": t.locality} for t in self.tensors],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "type": t.type_name,
+                    "bytes": t.nbytes,
+                    "slabs": [[s.node, s.row_begin, s.row_end] for s in t.slabs],
+                    "node_bytes": {str(k): v for k, v in t.node_bytes.items()},
+                    "expected_locality": t.locality,
+                }
+                for t in self.tensors
+            ],
         }
 
 
@@ -161,9 +173,19 @@ def plan_model(path: str | os.PathLike[str], lay: Layout, page_bytes: int = 4096
         node_bytes: dict[int, int] = {}
         for s in split.slabs:
             node_bytes[s.node] = node_bytes.get(s.node, 0) + (s.row_end - s.row_begin) * row_bytes * n_mat
-        remote = sum(_remote_bytes(offset + e * rows * row_bytes, split.slabs, row_bytes, page_bytes)
-                     for e in range(n_mat))
+        remote = sum(
+            _remote_bytes(offset + e * rows * row_bytes, split.slabs, row_bytes, page_bytes) for e in range(n_mat)
+        )
         m = re.match(r"(blk\.\d+)\.", name)
-        plan.tensors.append(TensorPlan(name, m[1] if m else name.removesuffix(".weight"), w.type_name,
-                                       rows * row_bytes * n_mat, split.slabs, node_bytes, remote))
+        plan.tensors.append(
+            TensorPlan(
+                name,
+                m[1] if m else name.removesuffix(".weight"),
+                w.type_name,
+                rows * row_bytes * n_mat,
+                split.slabs,
+                node_bytes,
+                remote,
+            )
+        )
     return plan

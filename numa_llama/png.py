@@ -11,8 +11,16 @@ import zlib
 from pathlib import Path
 
 # one colour per node (node id modulo the palette), and the colours of pages with no node
-NODE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                (227, 119, 194), (188, 189, 34)]
+NODE_COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (188, 189, 34),
+]
 BOUNDARY = (200, 200, 200)  # a page the plan gives to no node (it straddles two slabs)
 MISSING = (40, 40, 40)  # a page the kernel has no node for (not present)
 BACKGROUND = (255, 255, 255)
@@ -34,11 +42,11 @@ class Canvas:
         if x1 <= x0:
             return
         fill = bytes(colour) * (x1 - x0)
-        for row in self.rows[max(0, y): min(self.height, y + h)]:
-            row[3 * x0: 3 * x1] = fill
+        for row in self.rows[max(0, y) : min(self.height, y + h)]:
+            row[3 * x0 : 3 * x1] = fill
 
     def pixel(self, x: int, y: int) -> tuple[int, int, int]:
-        r, g, b = self.rows[y][3 * x: 3 * x + 3]
+        r, g, b = self.rows[y][3 * x : 3 * x + 3]
         return r, g, b
 
     def png(self) -> bytes:
@@ -47,8 +55,9 @@ class Canvas:
 
         raw = b"".join(b"\x00" + bytes(row) for row in self.rows)  # filter 0 (none) per scanline
         header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(
-            b"IEND", b"")
+        return (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.png())
@@ -60,8 +69,8 @@ def read_png(data: bytes) -> Canvas:
         raise ValueError("not a PNG")
     pos, idat, width, height = 8, b"", 0, 0
     while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos: pos + 4])
-        kind, body = data[pos + 4: pos + 8], data[pos + 8: pos + 8 + n]
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
         if kind == b"IHDR":
             width, height = struct.unpack(">II", body[:8])
         elif kind == b"IDAT":
@@ -71,5 +80,5 @@ def read_png(data: bytes) -> Canvas:
     canvas = Canvas(width, height)
     stride = 1 + 3 * width
     for y in range(height):
-        canvas.rows[y] = bytearray(raw[y * stride + 1: (y + 1) * stride])
+        canvas.rows[y] = bytearray(raw[y * stride + 1 : (y + 1) * stride])
     return canvas

@@ -27,8 +27,9 @@ class RunResult:
     locality: dict[int, float] | None  # per node, from the kernel's page answers (migrate on 2+ nodes)
 
 
-def numa_summary(strategy: int, threads: int, nodes: dict[int, list[int]] | None = None,
-                 locality: dict[int, float] | None = None) -> str:
+def numa_summary(
+    strategy: int, threads: int, nodes: dict[int, list[int]] | None = None, locality: dict[int, float] | None = None
+) -> str:
     """One line on what the NUMA layer did in this process; claims nothing the build does not do."""
     nodes = online_nodes() if nodes is None else nodes
     names = {v: k for k, v in llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_NAMES.items()}
@@ -67,9 +68,7 @@ def generate(
 ) -> RunResult:
     """Greedy generation (temperature 0), so the text is reproducible."""
     t0 = time.monotonic()
-    llm = Llama(
-        str(model), numa=numa, n_threads=threads, n_ctx=n_ctx, seed=seed, use_mmap=use_mmap, verbose=False
-    )
+    llm = Llama(str(model), numa=numa, n_threads=threads, n_ctx=n_ctx, seed=seed, use_mmap=use_mmap, verbose=False)
     load_s = time.monotonic() - t0
     try:
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)

@@ -86,10 +86,18 @@ class Topology:
 
     def as_dict(self) -> dict:
         return {
-            "nodes": [{"id": n.id, "cpus": list(n.cpus), "usable_cpus": list(n.usable_cpus),
-                       "memory_total": n.memory_total, "memory_free": n.memory_free,
-                       "memory_allowed": n.memory_allowed, "distances": {str(k): v for k, v in n.distances.items()}}
-                      for n in self.nodes],
+            "nodes": [
+                {
+                    "id": n.id,
+                    "cpus": list(n.cpus),
+                    "usable_cpus": list(n.usable_cpus),
+                    "memory_total": n.memory_total,
+                    "memory_free": n.memory_free,
+                    "memory_allowed": n.memory_allowed,
+                    "distances": {str(k): v for k, v in n.distances.items()},
+                }
+                for n in self.nodes
+            ],
             "allowed_cpus": list(self.allowed_cpus),
             "allowed_nodes": list(self.allowed_nodes),
             "numa_balancing": self.numa_balancing,
@@ -120,9 +128,13 @@ def _meminfo(path: Path, node: int) -> tuple[int, int]:
     return found["MemTotal"], found["MemFree"]
 
 
-def read_topology(root: Path = SYSFS, allowed_cpus: tuple[int, ...] | None = None,
-                  allowed_nodes: tuple[int, ...] | None = None, proc: Path = Path("/proc"),
-                  thp_file: Path = Path("/sys/kernel/mm/transparent_hugepage/enabled")) -> Topology:
+def read_topology(
+    root: Path = SYSFS,
+    allowed_cpus: tuple[int, ...] | None = None,
+    allowed_nodes: tuple[int, ...] | None = None,
+    proc: Path = Path("/proc"),
+    thp_file: Path = Path("/sys/kernel/mm/transparent_hugepage/enabled"),
+) -> Topology:
     """Parse ``root/node`` and ``root/cpu/online``; ``allowed_*`` default to this process's (affinity, cpuset)."""
     node_dir = root / "node"
     cpu_online_file = root / "cpu" / "online"
@@ -156,11 +168,21 @@ def read_topology(root: Path = SYSFS, allowed_cpus: tuple[int, ...] | None = Non
         total, free = _meminfo(d / "meminfo", node_id)
         dist_text = _read(d / "distance").split()
         if len(dist_text) != len(ids) or not all(x.isdigit() for x in dist_text):
-            raise TopologyError(f"{d / 'distance'}: {len(dist_text)} entries for {len(ids)} online nodes "
-                                f"({' '.join(dist_text)!r})")
+            raise TopologyError(
+                f"{d / 'distance'}: {len(dist_text)} entries for {len(ids)} online nodes ({' '.join(dist_text)!r})"
+            )
         distances = dict(zip(ids, (int(x) for x in dist_text), strict=True))
-        nodes.append(Node(node_id, tuple(cpus), total, free, distances,
-                          tuple(c for c in cpus if c in set(allowed_cpus)), node_id in set(allowed_nodes)))
+        nodes.append(
+            Node(
+                node_id,
+                tuple(cpus),
+                total,
+                free,
+                distances,
+                tuple(c for c in cpus if c in set(allowed_cpus)),
+                node_id in set(allowed_nodes),
+            )
+        )
     return Topology(tuple(nodes), tuple(allowed_cpus), tuple(allowed_nodes), *_settings(proc, thp_file))
 
 
@@ -173,8 +195,14 @@ def _settings(proc: Path, thp_file: Path) -> tuple[str | None, str | None]:
     return (_read(balancing).strip() if balancing.exists() else None), thp
 
 
-def _without_numa(root: Path, proc: Path, thp_file: Path, cpu_online: set[int] | None,
-                  allowed_cpus: tuple[int, ...], allowed_nodes: tuple[int, ...]) -> Topology:
+def _without_numa(
+    root: Path,
+    proc: Path,
+    thp_file: Path,
+    cpu_online: set[int] | None,
+    allowed_cpus: tuple[int, ...],
+    allowed_nodes: tuple[int, ...],
+) -> Topology:
     """A kernel built without CONFIG_NUMA has no node directory: one node 0 with every online CPU and all memory."""
     if cpu_online is None:
         raise TopologyError(f"{root}: neither node/ nor cpu/online: cannot tell the CPUs")
@@ -184,8 +212,15 @@ def _without_numa(root: Path, proc: Path, thp_file: Path, cpu_online: set[int] |
         fields = dict(re.findall(r"(?m)^(\w+):\s+(\d+)", _read(meminfo)))
         total, free = int(fields.get("MemTotal", 0)) * 1024, int(fields.get("MemFree", 0)) * 1024
     cpus = tuple(sorted(cpu_online))
-    node = Node(0, cpus, total, free, {0: 10}, tuple(c for c in cpus if c in set(allowed_cpus)),
-                not allowed_nodes or 0 in allowed_nodes)
+    node = Node(
+        0,
+        cpus,
+        total,
+        free,
+        {0: 10},
+        tuple(c for c in cpus if c in set(allowed_cpus)),
+        not allowed_nodes or 0 in allowed_nodes,
+    )
     return Topology((node,), tuple(allowed_cpus), tuple(allowed_nodes) or (0,), *_settings(proc, thp_file))
 
 

@@ -39,7 +39,10 @@ class Report:
         loc = self.locality
         st = self.stats
         return {
-            "model": self.model, "numa": self.numa, "threads": self.threads, "nodes": list(self.nodes),
+            "model": self.model,
+            "numa": self.numa,
+            "threads": self.threads,
+            "nodes": list(self.nodes),
             "text": self.text,
             "weights": len(self.tensors),
             "pages": sum(t.pages for t in self.tensors),
@@ -48,17 +51,33 @@ class Report:
             "pages_not_present": sum(t.pages_not_present for t in self.tensors),
             "pages_boundary": sum(t.pages_boundary for t in self.tensors),
             "placed_weights": sum(bool(t.slabs) for t in self.tensors),
-            "locality": None if loc is None else {"overall": loc.overall, "per_thread": list(loc.per_thread),
-                                                  "thread_node": list(loc.thread_node)},
+            "locality": None
+            if loc is None
+            else {"overall": loc.overall, "per_thread": list(loc.per_thread), "thread_node": list(loc.thread_node)},
             "locality_error": self.locality_error,
-            "moved": {"tensors": st.tensors, "pages": st.pages, "in_place": st.pages_in_place, "moved": st.pages_moved,
-                      "failed": st.pages_failed, "failed_by_reason": st.failed, "boundary": st.pages_boundary},
+            "moved": {
+                "tensors": st.tensors,
+                "pages": st.pages,
+                "in_place": st.pages_in_place,
+                "moved": st.pages_moved,
+                "failed": st.pages_failed,
+                "failed_by_reason": st.failed,
+                "boundary": st.pages_boundary,
+            },
             "barrier": {"waits": list(st.barrier_waits), "wait_ns": list(st.barrier_wait_ns)},
-            "tensors": [{"name": t.name, "bytes": t.nbytes, "pages": t.pages, "off_plan": t.pages_off_plan,
-                         "not_present": t.pages_not_present, "boundary": t.pages_boundary,
-                         "per_node": {str(k): v for k, v in t.pages_per_node().items()},
-                         "slabs": [[s.node, s.row_begin, s.row_end, s.nbytes] for s in t.slabs]}
-                        for t in self.tensors],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "bytes": t.nbytes,
+                    "pages": t.pages,
+                    "off_plan": t.pages_off_plan,
+                    "not_present": t.pages_not_present,
+                    "boundary": t.pages_boundary,
+                    "per_node": {str(k): v for k, v in t.pages_per_node().items()},
+                    "slabs": [[s.node, s.row_begin, s.row_end, s.nbytes] for s in t.slabs],
+                }
+                for t in self.tensors
+            ],
         }
 
 

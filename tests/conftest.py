@@ -22,8 +22,13 @@ settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("expensive", max_examples=2000, deadline=None)
 # for breaking the series on purpose: no explicit examples, so what fails is found and shrunk by hypothesis
-settings.register_profile("sabotage", max_examples=1000, deadline=None, phases=[Phase.generate, Phase.shrink],
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "sabotage",
+    max_examples=1000,
+    deadline=None,
+    phases=[Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 if os.environ.get("NUMA_VM"):  # in a guest the checkout is read-only: no example database
     settings.register_profile("guest", parent=settings.get_profile(settings._current_profile), database=None)
@@ -51,8 +56,10 @@ _DESELECTED = pytest.StashKey[int]()
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     n = config.stash.get(_DESELECTED, 0)
     if n:
-        terminalreporter.write_line(f"{n} numa_guest test(s) need several NUMA nodes and were left to "
-                                    "`tox -e numa`, which runs them in 2- and 4-node QEMU guests")
+        terminalreporter.write_line(
+            f"{n} numa_guest test(s) need several NUMA nodes and were left to "
+            "`tox -e numa`, which runs them in 2- and 4-node QEMU guests"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +72,9 @@ def model_path() -> Path:
 def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter: llama.cpp initialises NUMA once per process."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=ROOT / "tests")
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT / "tests"
+    )
 
 
 def run_json(code: str, env: dict[str, str] | None = None) -> dict:

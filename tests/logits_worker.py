@@ -30,8 +30,18 @@ def main() -> int:
     model, numa, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     numa_arg: str | bool = False if numa == "off" else numa
     t0 = time.monotonic()
-    llm = Llama(model, numa=numa_arg, n_threads=MAX_THREADS, n_threads_batch=MAX_THREADS, n_ctx=N_CTX,
-                n_batch=MAX_BATCH, n_ubatch=MAX_BATCH, logits_all=True, use_mmap=mmap, verbose=False)
+    llm = Llama(
+        model,
+        numa=numa_arg,
+        n_threads=MAX_THREADS,
+        n_threads_batch=MAX_THREADS,
+        n_ctx=N_CTX,
+        n_batch=MAX_BATCH,
+        n_ubatch=MAX_BATCH,
+        logits_all=True,
+        use_mmap=mmap,
+        verbose=False,
+    )
     tokens = llm.tokenize(TEXT.encode())
     print(json.dumps({"ready": True, "tokens": len(tokens), "load_s": time.monotonic() - t0}), flush=True)
     for line in sys.stdin:
@@ -41,7 +51,7 @@ def main() -> int:
             print(json.dumps({"error": f"request out of range: {req}"}), flush=True)
             continue
         t0 = time.monotonic()
-        toks = tokens[s: s + n]
+        toks = tokens[s : s + n]
         llm.reset()
         llama_cpp.llama_set_n_threads(llm.ctx, t, t)
         llm.n_batch = b
@@ -51,8 +61,16 @@ def main() -> int:
         logp -= logp.max(axis=1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
         nll = -np.mean([logp[i, toks[i + 1]] for i in range(n - 1)])
-        print(json.dumps({"sha256": hashlib.sha256(scores.tobytes()).hexdigest(), "ppl": repr(float(np.exp(nll))),
-                          "eval_s": time.monotonic() - t0}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "sha256": hashlib.sha256(scores.tobytes()).hexdigest(),
+                    "ppl": repr(float(np.exp(nll))),
+                    "eval_s": time.monotonic() - t0,
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 

@@ -50,9 +50,13 @@ def big_enough(shape: tuple[str, int, int, int, int]) -> bool:
 
 def shapes() -> st.SearchStrategy[tuple[str, int, int, int, int]]:
     """(name, type, ne0, ne1, ne2): a model's tensor names, rows of 1-32 blocks, 64-2048 rows, 1-2 experts."""
-    return st.tuples(st.sampled_from(NAMES), st.sampled_from(TYPES), st.integers(1, 32), st.integers(64, 2048),
-                     st.integers(1, 2)).map(lambda t: (t[0], t[1], t[2] * hooks.type_block(t[1]), t[3], t[4])).filter(
-        big_enough)
+    return (
+        st.tuples(
+            st.sampled_from(NAMES), st.sampled_from(TYPES), st.integers(1, 32), st.integers(64, 2048), st.integers(1, 2)
+        )
+        .map(lambda t: (t[0], t[1], t[2] * hooks.type_block(t[1]), t[3], t[4]))
+        .filter(big_enough)
+    )
 
 
 def thread_counts() -> st.SearchStrategy[int]:
@@ -110,8 +114,10 @@ def placement_follows_the_plan(shape: tuple[str, int, int, int, int], n_threads:
     w = make(shape)
     try:
         multiply(w, n_threads)
-        note(f"{w.name}: type {hooks.type_name(shape[1])} {shape[2:]} threads {n_threads} layout "
-             f"{hooks.layout(n_threads)}")
+        note(
+            f"{w.name}: type {hooks.type_name(shape[1])} {shape[2:]} threads {n_threads} layout "
+            f"{hooks.layout(n_threads)}"
+        )
         assert_on_plan(w, n_threads)
     finally:
         w.free()
@@ -164,23 +170,30 @@ class PlacementMachine(RuleBasedStateMachine):
             w.free()
 
 
-PlacementMachine.TestCase.settings = settings(max_examples=max(5, settings().max_examples // 20),
-                                              stateful_step_count=8)
+PlacementMachine.TestCase.settings = settings(max_examples=max(5, settings().max_examples // 20), stateful_step_count=8)
 
 
 def main() -> int:
-    print(f"placement properties: nodes {NODES}, GGML_CPU_NUMA_WEIGHTS={os.environ.get('GGML_CPU_NUMA_WEIGHTS')}, "
-          f"profile {settings._current_profile}", flush=True)
+    print(
+        f"placement properties: nodes {NODES}, GGML_CPU_NUMA_WEIGHTS={os.environ.get('GGML_CPU_NUMA_WEIGHTS')}, "
+        f"profile {settings._current_profile}",
+        flush=True,
+    )
     if len(NODES) < 2:
         print("fewer than 2 nodes with CPUs: nothing is placed here", file=sys.stderr)
         return 2
     placement_follows_the_plan()
-    print(f"placement_follows_the_plan: ok ({checked['weights']} weights, {checked['pages']} slab pages asked)",
-          flush=True)
+    print(
+        f"placement_follows_the_plan: ok ({checked['weights']} weights, {checked['pages']} slab pages asked)",
+        flush=True,
+    )
     before = dict(checked)
     PlacementMachine.TestCase("runTest").runTest()
-    print(f"PlacementMachine: ok ({checked['weights'] - before['weights']} weight checks, "
-          f"{checked['pages'] - before['pages']} slab pages asked)", flush=True)
+    print(
+        f"PlacementMachine: ok ({checked['weights'] - before['weights']} weight checks, "
+        f"{checked['pages'] - before['pages']} slab pages asked)",
+        flush=True,
+    )
     return 0
 
 

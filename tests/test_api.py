@@ -99,7 +99,13 @@ def test_a_page_the_kernel_calls_not_present_is_not_off_plan() -> None:
     another node; any other errno (-EFAULT: not mapped) is off plan."""
     from numa_llama.api import BOUNDARY, SlabPlan, TensorPlacement  # noqa: PLC0415
 
-    t = TensorPlacement("blk.0.ffn_up_exps.weight", 0x10000, 6 * 4096, (SlabPlan(0, 0, 8, 3 * 4096),
-                        SlabPlan(1, 8, 16, 3 * 4096)), 4096, (0, 0, BOUNDARY, 1, 1, 1),
-                        (0, -errno.ENOENT, 1, 0, -errno.EFAULT, 1))
+    t = TensorPlacement(
+        "blk.0.ffn_up_exps.weight",
+        0x10000,
+        6 * 4096,
+        (SlabPlan(0, 0, 8, 3 * 4096), SlabPlan(1, 8, 16, 3 * 4096)),
+        4096,
+        (0, 0, BOUNDARY, 1, 1, 1),
+        (0, -errno.ENOENT, 1, 0, -errno.EFAULT, 1),
+    )
     assert (t.pages_off_plan, t.pages_not_present, t.pages_boundary) == (2, 1, 1)

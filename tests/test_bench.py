@@ -16,8 +16,9 @@ from numa_llama.sysfs import read_topology
 
 
 def numa_llama(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,17 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.stderr.strip() == f"numa-llama: model file not found: {tmp_path / 'nope.gguf'}"
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--strategies", "off,interleave"], "unknown strategy ['interleave']"),
-    (["--strategies", ","], "unknown strategy"),
-    (["--rounds", "0"], "--rounds, --reps and --threads must be >= 1"),
-    (["--reps", "0"], "--rounds, --reps and --threads must be >= 1"),
-    (["-p", "0", "-n", "0"], "not both 0"),
-    (["-t", "0"], "--rounds, --reps and --threads must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--strategies", "off,interleave"], "unknown strategy ['interleave']"),
+        (["--strategies", ","], "unknown strategy"),
+        (["--rounds", "0"], "--rounds, --reps and --threads must be >= 1"),
+        (["--reps", "0"], "--rounds, --reps and --threads must be >= 1"),
+        (["-p", "0", "-n", "0"], "not both 0"),
+        (["-t", "0"], "--rounds, --reps and --threads must be >= 1"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(args: list[str], says: str) -> None:
     proc = numa_llama("bench", *args)
     assert proc.returncode == 2
@@ -58,8 +62,26 @@ def test_a_missing_llama_bench_is_named(tmp_path: Path) -> None:
 def test_interleaved_runs_give_medians_and_ratios(patched_bench: Path, tmp_path: Path) -> None:
     """A real (short) comparison: every configuration in every round, in JSON and as a table."""
     md = tmp_path / "bench.md"
-    proc = numa_llama("bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "-t", "2",
-                      "--rounds", "2", "-r", "1", "-p", "32", "-n", "8", "--json", "--markdown", str(md))
+    proc = numa_llama(
+        "bench",
+        "--llama-bench",
+        str(patched_bench),
+        "--strategies",
+        "off,migrate",
+        "-t",
+        "2",
+        "--rounds",
+        "2",
+        "-r",
+        "1",
+        "-p",
+        "32",
+        "-n",
+        "8",
+        "--json",
+        "--markdown",
+        str(md),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["baseline"] == "patched-off" and out["tests"] == ["pp32", "tg8"]
@@ -75,15 +97,28 @@ def test_interleaved_runs_give_medians_and_ratios(patched_bench: Path, tmp_path:
     assert [row.split("|")[1].strip() for row in table[2:]] == ["patched-off", "patched-migrate"]
 
 
-
 @pytest.mark.model
 @pytest.mark.bench
 def test_sweep_threads_runs_every_count_and_names_the_best(patched_bench: Path, tmp_path: Path) -> None:
     """--sweep-threads on this machine's node: every configuration at each count of sweep_counts, as JSON, as a
     table, and the best count per configuration and test."""
     counts = bench.sweep_counts([len(n.usable_cpus) for n in read_topology().nodes])
-    args = ["bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "--sweep-threads",
-            "--rounds", "1", "-r", "1", "-p", "16", "-n", "4"]
+    args = [
+        "bench",
+        "--llama-bench",
+        str(patched_bench),
+        "--strategies",
+        "off,migrate",
+        "--sweep-threads",
+        "--rounds",
+        "1",
+        "-r",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "4",
+    ]
     proc = numa_llama(*args, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -101,10 +136,17 @@ def test_sweep_threads_runs_every_count_and_names_the_best(patched_bench: Path, 
     assert [row.split("|")[1].strip() for row in table[2:]] == [str(n) for n in counts for _ in range(2)]
     assert proc.stdout.count("best for ") == 2
 
+
 def test_ratio_is_the_median_of_within_round_ratios() -> None:
     """A noisy round slows both sides: the within-round ratio cancels it, a ratio of medians would not."""
-    res = bench.Result("m.gguf", 2, 3, "stock", ["tg128"],
-                       {"stock": {"tg128": [100.0, 50.0, 100.0]}, "patched": {"tg128": [99.0, 49.0, 101.0]}})
+    res = bench.Result(
+        "m.gguf",
+        2,
+        3,
+        "stock",
+        ["tg128"],
+        {"stock": {"tg128": [100.0, 50.0, 100.0]}, "patched": {"tg128": [99.0, 49.0, 101.0]}},
+    )
     assert res.ratios("patched", "tg128") == [0.99, 0.98, 1.01]
     assert res.ratio("patched", "tg128") == 0.99
     assert res.median("stock", "tg128") == 100.0

@@ -22,9 +22,14 @@ def test_build_info_matches_the_pin_and_the_series() -> None:
     info = numa_llama.build_info()
     pin = Pin.load()
     assert (info.llama_cpp_python, info.sdist_sha256, info.llama_cpp_commit) == (
-        pin.version, pin.sha256, pin.llama_cpp_commit)
-    assert info.patches == {"llama.cpp": series_names("llama.cpp"),
-                            "llama-cpp-python": series_names("llama-cpp-python")}
+        pin.version,
+        pin.sha256,
+        pin.llama_cpp_commit,
+    )
+    assert info.patches == {
+        "llama.cpp": series_names("llama.cpp"),
+        "llama-cpp-python": series_names("llama-cpp-python"),
+    }
     assert info.patches["llama.cpp"][0].startswith("0001-ggml-cpu-add-GGML_CPU_NUMA")
 
 
@@ -47,7 +52,7 @@ def stock_bindings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix + "llama_cpp/")]
         for m in members:
-            m.name = m.name[len(prefix):]
+            m.name = m.name[len(prefix) :]
         tar.extractall(out, members=members, filter="data")
     return out
 

@@ -24,7 +24,8 @@ def test_write_pin_changes_only_the_pinned_values(tmp_path: Path) -> None:
     bump.write_pin(new, copy)
     assert Pin.load(copy) == new
     assert [line for line in copy.read_text().splitlines() if line.startswith("#")] == [
-        line for line in PIN_FILE.read_text().splitlines() if line.startswith("#")]
+        line for line in PIN_FILE.read_text().splitlines() if line.startswith("#")
+    ]
 
 
 def test_bump_to_the_pinned_release_moves_every_patch_unchanged(tmp_path: Path, capsys) -> None:

@@ -12,8 +12,9 @@ from conftest import ROOT, numa_nodes
 
 
 def numa_llama(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def test_topology_table_and_json_agree_with_sysfs() -> None:
@@ -62,11 +63,14 @@ def test_plan_from_this_system(model_path: Path) -> None:
     assert sum(plan["layout"]["threads"]) >= 1 and len(plan["tensors"]) == 127
 
 
-@pytest.mark.parametrize("args,message", [
-    (["plan", "--nodes", "0"], "--nodes and --threads must be >= 1"),
-    (["plan", "--nodes", "2", "-t", "0"], "--nodes and --threads must be >= 1"),
-    (["topology", "-t", "0"], "--threads must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["plan", "--nodes", "0"], "--nodes and --threads must be >= 1"),
+        (["plan", "--nodes", "2", "-t", "0"], "--nodes and --threads must be >= 1"),
+        (["topology", "-t", "0"], "--threads must be >= 1"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(args: list[str], message: str) -> None:
     proc = numa_llama(*args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -114,8 +118,10 @@ def test_verify_exits_non_zero_below_the_threshold(model_path: Path) -> None:
     """Migrate on several nodes (one thread per CPU): >= 0.99 measured, which an impossible 1.0 fails (exit 1)."""
     proc = numa_llama("verify", str(model_path), "--json", "--min-locality", "1.0")
     rep = json.loads(proc.stdout)
-    print(f"verify, {len(rep['nodes'])} nodes, {rep['threads']} threads: locality {rep['locality']['overall']:.4%}, "
-          f"{rep['moved']['moved']} pages moved, barrier waits {rep['barrier']['waits']}")
+    print(
+        f"verify, {len(rep['nodes'])} nodes, {rep['threads']} threads: locality {rep['locality']['overall']:.4%}, "
+        f"{rep['moved']['moved']} pages moved, barrier waits {rep['barrier']['waits']}"
+    )
     assert rep["threads"] >= len(rep["nodes"]) and rep["checked"]
     assert rep["locality"]["overall"] >= 0.99 and rep["pages_off_plan"] == 0 and rep["moved"]["failed"] == 0
     assert proc.returncode == 1 and rep["ok"] is False  # 1.0 is above what slab-straddling pages allow

@@ -60,13 +60,16 @@ def test_each_built_variant_runs_the_model(tmp_path: Path, model_path: Path) -> 
         for other in libdir.glob("libggml-cpu-*.so"):
             if other.name != f"libggml-cpu-{name}.so":
                 other.unlink()
-        out = run_json(f"""
+        out = run_json(
+            f"""
 import json, numa_llama
 from llama_cpp import Llama
 llm = Llama({str(model_path)!r}, n_ctx=128, verbose=False)
 text = llm.create_completion("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"]
 print(json.dumps({{"loaded": numa_llama.build_info().cpu_backend_loaded, "text": text}}))
-""", env={"LLAMA_CPP_LIB_PATH": str(libdir)})
+""",
+            env={"LLAMA_CPP_LIB_PATH": str(libdir)},
+        )
         assert out["loaded"] == f"libggml-cpu-{name}.so"
         texts[name] = out["text"]
     assert all(t.strip() for t in texts.values()), texts

@@ -19,15 +19,23 @@ import pytest
 from conftest import ROOT, run_json
 
 IN_GUEST = bool(os.environ.get("NUMA_VM"))
-NEEDED = {"guest": ["test-barrier", "test-cpu-numa", "test-backend-ops"], "tsan": ["test-barrier"],
-          "guest-avx2": ["test-cpu-numa", "test-backend-ops"]}
+NEEDED = {
+    "guest": ["test-barrier", "test-cpu-numa", "test-backend-ops"],
+    "tsan": ["test-barrier"],
+    "guest-avx2": ["test-cpu-numa", "test-backend-ops"],
+}
 # test-backend-ops cases whose weights are big enough to split over nodes (most of its cases have 16 rows, one row
 # group: they run the stock path), for the guest, where each case costs seconds: mul_mat (q4_K) and mul_mat_id
 # (F32 to Q6_K; 1 to 129 tokens, so the generic, llamafile, tiled and chunked paths all run)
-BACKEND_OPS_GUEST = (r"^type_a=(f32|f16|q4_0|q8_0|q4_K|q6_K),type_b=f32,(m=(4096|1023),n=(1|2|5|8|9),k=(1024|4096),"
-                     r"bs=\[1,1\]|n_mats=4,n_used=2,b=0,m=512,n=(1|5|32|129),k=256)")
-THP_OFF = [sys.executable, "-c", "import ctypes, os, sys; ctypes.CDLL(None).prctl(41, 1, 0, 0, 0); "
-           "os.execv(sys.argv[1], sys.argv[1:])"]  # PR_SET_THP_DISABLE, kept across exec: base pages
+BACKEND_OPS_GUEST = (
+    r"^type_a=(f32|f16|q4_0|q8_0|q4_K|q6_K),type_b=f32,(m=(4096|1023),n=(1|2|5|8|9),k=(1024|4096),"
+    r"bs=\[1,1\]|n_mats=4,n_used=2,b=0,m=512,n=(1|5|32|129),k=256)"
+)
+THP_OFF = [
+    sys.executable,
+    "-c",
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(41, 1, 0, 0, 0); os.execv(sys.argv[1], sys.argv[1:])",
+]  # PR_SET_THP_DISABLE, kept across exec: base pages
 
 
 def node_count() -> int:
@@ -43,17 +51,21 @@ def bins() -> dict[str, Path]:
             out[flavor] = ROOT / "_build" / f"ggml-{flavor}" / "bin"
             missing = [t for t in tests if not (out[flavor] / t).exists()]
             if missing:
-                pytest.fail(f"{missing} not built for {flavor}: run `python build/ggml_tests.py --flavor {flavor}` "
-                            "on the host before booting the guest (tox -e numa does)")
+                pytest.fail(
+                    f"{missing} not built for {flavor}: run `python build/ggml_tests.py --flavor {flavor}` "
+                    "on the host before booting the guest (tox -e numa does)"
+                )
         else:
             out[flavor] = ggml_tests.build_tests(ROOT / "vendor" / "llama.cpp", flavor, tests, log=lambda _: None)
     return out
 
 
-def run(exe: Path, *args: object, env: dict[str, str] | None = None,
-        timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def run(
+    exe: Path, *args: object, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def backend_ops_passed(out: str) -> int:
@@ -68,8 +80,11 @@ def backend_ops_passed(out: str) -> int:
 def bound_pages(out: str) -> tuple[int, int, int]:
     """test-cpu-numa's reading of /proc/self/numa_maps: mappings bound to one node (the barrier's counters and the
     src1 buffers; the weights' pages are asked of move_pages), their pages, pages elsewhere."""
-    m = re.search(r"numa_maps: (\d+) mapping\(s\) bound to one node \(besides the weights\), (\d+) page\(s\), "
-                  r"(\d+) on another node", out)
+    m = re.search(
+        r"numa_maps: (\d+) mapping\(s\) bound to one node \(besides the weights\), (\d+) page\(s\), "
+        r"(\d+) on another node",
+        out,
+    )
     assert m, out[-2000:]
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
@@ -192,10 +207,26 @@ def test_backend_ops_with_migrate(bins: dict[str, Path]) -> None:
     weights split over the nodes, placed in base pages, against the CPU reference implementation."""
     nodes = node_count()
     exe = bins["guest"] / "test-backend-ops"
-    proc = subprocess.run([*THP_OFF, str(exe), "-b", "CPU", "--numa", "migrate", "-t", str(nodes),
-                           "-o", "MUL_MAT,MUL_MAT_ID", "-p", BACKEND_OPS_GUEST],
-                          capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "GGML_CPU_NUMA_DEBUG": "1"})
+    proc = subprocess.run(
+        [
+            *THP_OFF,
+            str(exe),
+            "-b",
+            "CPU",
+            "--numa",
+            "migrate",
+            "-t",
+            str(nodes),
+            "-o",
+            "MUL_MAT,MUL_MAT_ID",
+            "-p",
+            BACKEND_OPS_GUEST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "GGML_CPU_NUMA_DEBUG": "1"},
+    )
     assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
     assert backend_ops_passed(proc.stdout) == 32
     placed = re.findall(r"so far (\d+) pages: (\d+) in place, (\d+) moved, (\d+) failed", proc.stderr)

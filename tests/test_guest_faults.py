@@ -38,8 +38,13 @@ print(json.dumps({{"text": out, "layout": hooks.layout({threads}) if {numa!r} ==
 
 
 def guest(args: list[str], shell: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "build" / "numa_vm.py"), *args, "--timeout", str(timeout),
-                           "--", "sh", "-c", shell], capture_output=True, text=True, timeout=timeout + 120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "build" / "numa_vm.py"), *args, "--timeout", str(timeout), "--", "sh", "-c", shell],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 120,
+        cwd=ROOT,
+    )
 
 
 def script(model_path, numa: str, threads: int, verbose: bool = False) -> str:
@@ -54,8 +59,10 @@ def last_json(proc: subprocess.CompletedProcess) -> list[dict]:
 
 def test_memory_only_node_gets_no_threads_and_no_slabs(model_path) -> None:
     """Nodes 0 and 1 have a CPU, node 2 only memory (CXL-like): threads and slabs go to 0 and 1 only."""
-    proc = guest(["--nodes", "3", "--cpus-per-node", "1,1,0", "--mem-per-node", "1G,1G,512M"],
-                 script(model_path, "off", 2) + " && " + script(model_path, "migrate", 2))
+    proc = guest(
+        ["--nodes", "3", "--cpus-per-node", "1,1,0", "--mem-per-node", "1G,1G,512M"],
+        script(model_path, "off", 2) + " && " + script(model_path, "migrate", 2),
+    )
     off, migrate = last_json(proc)
     assert migrate["text"] == off["text"] and migrate["text"].strip()
     assert sorted(set(migrate["layout"])) == [0, 1]
@@ -73,8 +80,10 @@ CPUSET = (
 
 def test_node_outside_the_cpuset_is_counted_and_the_model_runs(model_path) -> None:
     """cpuset.mems = 0 on a 2-node guest: node 1's slabs cannot move there; counted, warned once, same text."""
-    proc = guest(["--nodes", "2"],
-                 CPUSET + script(model_path, "off", 2) + " && " + script(model_path, "migrate", 2, verbose=True))
+    proc = guest(
+        ["--nodes", "2"],
+        CPUSET + script(model_path, "off", 2) + " && " + script(model_path, "migrate", 2, verbose=True),
+    )
     off, migrate = last_json(proc)
     assert "Mems_allowed_list:\t0\n" in proc.stderr
     assert migrate["text"] == off["text"] and migrate["text"].strip()

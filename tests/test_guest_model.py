@@ -13,13 +13,16 @@ pytestmark = [pytest.mark.numa_guest, pytest.mark.model]
 
 def test_model_runs_with_migrate_on_every_node_count(model_path) -> None:
     """Llama(numa="migrate") loads and decodes; in the TCG guest ggml picks the sse42 variant by itself."""
-    proc = run_python(f"""
+    proc = run_python(
+        f"""
 import json, numa_llama
 from llama_cpp import Llama
 llm = Llama({str(model_path)!r}, numa="migrate", n_ctx=64, verbose=False)
 text = llm.create_completion("Paris is", max_tokens=1, temperature=0.0)["choices"][0]["text"]
 print(json.dumps({{"numa": llm.numa, "text": text, "loaded": numa_llama.build_info().cpu_backend_loaded}}))
-""", timeout=900)
+""",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["numa"] == 5 and out["text"].strip()

@@ -57,8 +57,15 @@ def test_mbind_moves_every_page_to_the_last_node() -> None:
     buf, addr = buffer(pages)
     last = node_ids()[-1]
     mask = ctypes.c_ulong(1 << last)
-    rc = libc.syscall(SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(pages * PAGE), MPOL_BIND,
-                      ctypes.byref(mask), ctypes.c_ulong(64), MPOL_MF_MOVE)
+    rc = libc.syscall(
+        SYS_MBIND,
+        ctypes.c_void_p(addr),
+        ctypes.c_ulong(pages * PAGE),
+        MPOL_BIND,
+        ctypes.byref(mask),
+        ctypes.c_ulong(64),
+        MPOL_MF_MOVE,
+    )
     assert rc == 0, os.strerror(ctypes.get_errno())
     assert move_pages(addr, pages, None) == [last] * pages
     buf.close()

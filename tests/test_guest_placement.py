@@ -63,10 +63,12 @@ def test_pages_are_where_the_plan_says(model_path: Path, use_mmap: bool, per_nod
     assert st["pages"] == st["pages_in_place"] + st["pages_moved"] + st["pages_failed"] + st["pages_boundary"]
     assert st["pages_failed"] == 0
     assert st["pages_moved"] <= st["pages"]  # pages moved / weight pages <= 1.0
-    print(f"placement, {len(nodes)} nodes, {per_node} thread(s) per node, mmap={use_mmap}: {st['tensors']} weights, "
-          f"{st['pages']} pages, {st['pages_in_place']} in place, {st['pages_moved']} moved "
-          f"({st['pages_moved'] / st['pages']:.3f} of the weight pages), {st['pages_failed']} failed, "
-          f"{st['pages_boundary']} on slab boundaries; {out['on_plan']} slab pages on plan, {out['off_plan']} off")
+    print(
+        f"placement, {len(nodes)} nodes, {per_node} thread(s) per node, mmap={use_mmap}: {st['tensors']} weights, "
+        f"{st['pages']} pages, {st['pages_in_place']} in place, {st['pages_moved']} moved "
+        f"({st['pages_moved'] / st['pages']:.3f} of the weight pages), {st['pages_failed']} failed, "
+        f"{st['pages_boundary']} on slab boundaries; {out['on_plan']} slab pages on plan, {out['off_plan']} off"
+    )
     assert out["on_plan"] == st["pages_in_place"] + st["pages_moved"]
     # The generic mul_mat multiplies each node's slab on that node (patch 0004): what its threads read from
     # their own node. Base pages (mmap) lose only the pages that straddle slabs (which node those land on
@@ -99,8 +101,12 @@ sys.stdin.read()
 
 def test_pages_shared_with_another_process_are_counted_not_fatal(model_path: Path) -> None:
     """A second process mapping the same GGUF makes its pages unmovable (EACCES): counted, and the model runs."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(model=str(model_path))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(model=str(model_path))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None
         word, on_node0 = holder.stdout.readline().split()
@@ -142,14 +148,17 @@ def test_decode_locality_migrate_beside_stock_distribute(model_path: Path, per_n
     cache and an mmap'd model its pages land where its threads first read them, often their own node.
     """
     threads = per_node * len(nodes_with_cpus())
-    stock, migrate = (run_json(LOCALITY.format(model=str(model_path), strategy=s, threads=threads))
-                      for s in ("distribute", "migrate"))
+    stock, migrate = (
+        run_json(LOCALITY.format(model=str(model_path), strategy=s, threads=threads)) for s in ("distribute", "migrate")
+    )
     for name, loc in (("distribute", stock), ("migrate", migrate)):
         per_thread = " ".join(f"{f:.4f}" for f in loc["per_thread"])
         print(f"decode locality, {threads} threads, {name}: {loc['overall']:.4f} (per thread {per_thread})")
     st = migrate["stats"]
-    print(f"migrate after distribute: {st['pages_moved']} of {st['pages']} weight pages moved "
-          f"({st['pages_moved'] / st['pages']:.3f}), {st['pages_in_place']} in place, {st['pages_failed']} failed")
+    print(
+        f"migrate after distribute: {st['pages_moved']} of {st['pages']} weight pages moved "
+        f"({st['pages_moved'] / st['pages']:.3f}), {st['pages_in_place']} in place, {st['pages_failed']} failed"
+    )
     assert len(migrate["per_thread"]) == threads
     assert min(migrate["per_thread"]) >= 0.995, migrate
     assert st["pages_failed"] == 0 and 0 <= st["pages_moved"] <= st["pages"]  # moved / weight pages <= 1.0

@@ -13,9 +13,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 NAMES = {"distribute": 1, "isolate": 2, "numactl": 3, "migrate": 5}
-ACCEPTED = [(True, 1), (False, 0), (0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5),
-            ("distribute", 1), ("isolate", 2), ("numactl", 3), ("migrate", 5),
-            (llama_cpp.GGML_NUMA_STRATEGY_MIGRATE, 5)]
+ACCEPTED = [
+    (True, 1),
+    (False, 0),
+    (0, 0),
+    (1, 1),
+    (2, 2),
+    (3, 3),
+    (4, 4),
+    (5, 5),
+    ("distribute", 1),
+    ("isolate", 2),
+    ("numactl", 3),
+    ("migrate", 5),
+    (llama_cpp.GGML_NUMA_STRATEGY_MIGRATE, 5),
+]
 
 
 def test_constants() -> None:
@@ -90,7 +102,12 @@ def test_the_bindings_own_numa_tests_pass(tmp_path: Path) -> None:
     """The bindings patch carries a test in llama-cpp-python's own style; it passes against this build."""
     test = ROOT / "vendor" / "llama-cpp-python" / "tests" / "test_numa.py"
     assert test.is_file(), "patches/llama-cpp-python/0001 adds tests/test_numa.py"
-    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout

@@ -27,14 +27,17 @@ def test_topology_arguments() -> None:
     assert parse_size("1.5G") == 1536 and parse_size("512M") == 512
 
 
-@pytest.mark.parametrize("nodes,cpus,mem,dist,match", [
-    (0, "1", "1G", [], "at least 1"),
-    (2, "1,1,1", "1G", [], "give one value, or 2"),
-    (2, "0", "1G", [], "at least one node needs a CPU"),
-    (2, "1", "12K", [], "not a size|at least 64 MiB"),
-    (2, "1", "1G", ["0-0=20"], "nodes must differ"),
-    (2, "1", "1G", ["0-1"], "SRC-DST=VALUE"),
-])
+@pytest.mark.parametrize(
+    "nodes,cpus,mem,dist,match",
+    [
+        (0, "1", "1G", [], "at least 1"),
+        (2, "1,1,1", "1G", [], "give one value, or 2"),
+        (2, "0", "1G", [], "at least one node needs a CPU"),
+        (2, "1", "12K", [], "not a size|at least 64 MiB"),
+        (2, "1", "1G", ["0-0=20"], "nodes must differ"),
+        (2, "1", "1G", ["0-1"], "SRC-DST=VALUE"),
+    ],
+)
 def test_bad_topology_is_refused(nodes, cpus, mem, dist, match) -> None:
     with pytest.raises(ValueError, match=match):
         Topology.build(nodes, cpus, mem, dist)
@@ -53,8 +56,20 @@ def test_guest_has_the_topology_asked_for() -> None:
         "                   'distance': (d / 'distance').read_text().split()}\n"
         "print(json.dumps(out))\n"
     )
-    proc = vm("--nodes", "3", "--cpus-per-node", "2,1,0", "--mem-per-node", "512M,384M,256M",
-              "--distance", "0-2=40", "--", sys.executable, "-c", code)
+    proc = vm(
+        "--nodes",
+        "3",
+        "--cpus-per-node",
+        "2,1,0",
+        "--mem-per-node",
+        "512M,384M,256M",
+        "--distance",
+        "0-2=40",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+    )
     assert proc.returncode == 0, proc.stderr
     nodes = json.loads(proc.stdout)
     assert list(nodes) == ["node0", "node1", "node2"]
@@ -72,17 +87,30 @@ def test_exit_code_and_streams_come_back_unchanged() -> None:
 
 @pytest.mark.vm
 def test_runs_in_the_current_directory_with_the_environment(tmp_path) -> None:
-    proc = subprocess.run([*RUNNER, "--nodes", "2", "--", "sh", "-c", "pwd; echo $MY_VAR; echo $NUMA_VM_NODES"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**__import__("os").environ, "MY_VAR": "it's 'quoted' $HOME"})
+    proc = subprocess.run(
+        [*RUNNER, "--nodes", "2", "--", "sh", "-c", "pwd; echo $MY_VAR; echo $NUMA_VM_NODES"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "MY_VAR": "it's 'quoted' $HOME"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(tmp_path), "it's 'quoted' $HOME", "2"]
 
 
 @pytest.mark.vm
 def test_scratch_is_writable_and_comes_back(tmp_path) -> None:
-    proc = vm("--nodes", "2", "--scratch", str(tmp_path), "--", "sh", "-c",
-              'echo result > "$NUMA_VM_SCRATCH/r.txt" && touch "$TMPDIR/ok" && ! touch /etc/nope 2>/dev/null')
+    proc = vm(
+        "--nodes",
+        "2",
+        "--scratch",
+        str(tmp_path),
+        "--",
+        "sh",
+        "-c",
+        'echo result > "$NUMA_VM_SCRATCH/r.txt" && touch "$TMPDIR/ok" && ! touch /etc/nope 2>/dev/null',
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r.txt").read_text() == "result\n"
 

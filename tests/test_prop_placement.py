@@ -27,8 +27,9 @@ def test_placement_properties(weights: str | None) -> None:
         import os
 
         env = {**os.environ, "GGML_CPU_NUMA_WEIGHTS": ",".join(str(1 + 2 * (k % 2)) for k in range(numa_nodes()))}
-    proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=1800,
-                          cwd=WORKER.parent)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=1800, cwd=WORKER.parent
+    )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert "PlacementMachine: ok" in proc.stdout

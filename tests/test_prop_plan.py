@@ -45,8 +45,9 @@ class Case:
 def cases(draw: st.DrawFn, max_nodes: int = 8) -> Case:
     n_nodes = draw(st.integers(1, max_nodes))
     node_ids = tuple(sorted(draw(st.sets(st.integers(0, 63), min_size=n_nodes, max_size=n_nodes))))  # holes
-    weights = tuple(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.0, 7.5]), min_size=n_nodes,
-                                  max_size=n_nodes)))
+    weights = tuple(
+        draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.0, 7.5]), min_size=n_nodes, max_size=n_nodes))
+    )
     assume(sum(weights) > 0)
     type_id, _ = draw(st.sampled_from(TYPES))
     ne0 = hooks.type_block(type_id) * draw(st.integers(1, 48))

@@ -30,8 +30,13 @@ MAX_THREADS = min(16, 4 * NODES)  # up to 4 per node: more threads than the gues
 
 class Worker:
     def __init__(self, model: Path, numa: str, mmap: bool) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), str(model), numa, "1" if mmap else "0"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=WORKER.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(model), numa, "1" if mmap else "0"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=WORKER.parent,
+        )
         hello = self._read()
         self.tokens, self.load_s = hello["tokens"], hello["load_s"]
 
@@ -80,12 +85,19 @@ PPL_TOKENS = 32
 
 
 @settings(max_examples=EXAMPLES)
-@given(numa=st.sampled_from(STRATEGIES), threads=st.integers(1, MAX_THREADS), mmap=st.booleans(),
-       batch=st.sampled_from([1, 5, 16, 64]), start=st.integers(0, 400), n=st.integers(4, MAX_TOKENS))
+@given(
+    numa=st.sampled_from(STRATEGIES),
+    threads=st.integers(1, MAX_THREADS),
+    mmap=st.booleans(),
+    batch=st.sampled_from([1, 5, 16, 64]),
+    start=st.integers(0, 400),
+    n=st.integers(4, MAX_TOKENS),
+)
 @example(numa="migrate", threads=NODES, mmap=True, batch=64, start=0, n=16)
 @example(numa="migrate", threads=MAX_THREADS, mmap=False, batch=5, start=100, n=16)
-def test_logits_are_bitwise_those_of_numa_off(workers, numa: str, threads: int, mmap: bool, batch: int, start: int,
-                                             n: int) -> None:
+def test_logits_are_bitwise_those_of_numa_off(
+    workers, numa: str, threads: int, mmap: bool, batch: int, start: int, n: int
+) -> None:
     """Why it must hold: the series changes where rows live and which thread multiplies them, never the sums
     a row's dot product adds up, so any logit that moves is a bug (a row computed twice, or from the wrong
     page)."""
@@ -93,9 +105,11 @@ def test_logits_are_bitwise_those_of_numa_off(workers, numa: str, threads: int, 
     got = worker.ask(threads, batch, start, n)
     want = workers("off", True).ask(threads, batch, start, n)
     assert got["sha256"] == want["sha256"], (numa, threads, mmap, batch, start, n)
-    print(f"logits {numa} threads={threads} mmap={mmap} batch={batch} tokens {start}..{start + n}: "
-          f"sha256 {got['sha256'][:16]} as off ({got['eval_s']:.1f} s + {want['eval_s']:.1f} s; "
-          f"model load {worker.load_s:.1f} s)")
+    print(
+        f"logits {numa} threads={threads} mmap={mmap} batch={batch} tokens {start}..{start + n}: "
+        f"sha256 {got['sha256'][:16]} as off ({got['eval_s']:.1f} s + {want['eval_s']:.1f} s; "
+        f"model load {worker.load_s:.1f} s)"
+    )
 
 
 @pytest.mark.parametrize("threads", [NODES] if GUEST else [1, 2, 4], ids=lambda t: f"{t}-threads")
@@ -103,7 +117,9 @@ def test_perplexity_is_identical_to_every_digit(workers, threads: int) -> None:
     """Perplexity of a fixed stretch of prose, off vs migrate: the same float, every digit printed."""
     off = workers("off", True).ask(threads, 64, 0, PPL_TOKENS)
     migrate = workers("migrate", True).ask(threads, 64, 0, PPL_TOKENS)
-    print(f"perplexity, {NODES} node(s), {threads} threads, {PPL_TOKENS} tokens of pydoc's prose: "
-          f"off {off['ppl']}, migrate {migrate['ppl']} ({off['eval_s']:.1f} s + {migrate['eval_s']:.1f} s)")
+    print(
+        f"perplexity, {NODES} node(s), {threads} threads, {PPL_TOKENS} tokens of pydoc's prose: "
+        f"off {off['ppl']}, migrate {migrate['ppl']} ({off['eval_s']:.1f} s + {migrate['eval_s']:.1f} s)"
+    )
     assert off["ppl"] == migrate["ppl"]
     assert 1.0 < float(off["ppl"]) < 1e4  # a real model on real prose, not a constant

@@ -69,7 +69,8 @@ def write_tree(root: Path, m: Model) -> None:
         total, free = m.mem_kb[i]
         (d / "meminfo").write_text(
             f"Node {i} MemTotal:       {total} kB\nNode {i} MemFree:        {free} kB\n"
-            f"Node {i} Active(anon):   12 kB\nNode {i} HugePages_Total:     0\n")
+            f"Node {i} Active(anon):   12 kB\nNode {i} HugePages_Total:     0\n"
+        )
         (d / "distance").write_text(" ".join(str(m.distance[i][j]) for j in ids) + "\n")
     all_cpus = set().union(*m.node_cpus.values())
     (root / "cpu").mkdir()
@@ -77,8 +78,13 @@ def write_tree(root: Path, m: Model) -> None:
 
 
 def parse(root: Path, m: Model):
-    return read_topology(root, allowed_cpus=tuple(sorted(m.allowed_cpus)),
-                         allowed_nodes=tuple(sorted(m.allowed_nodes)), proc=root / "proc", thp_file=root / "thp")
+    return read_topology(
+        root,
+        allowed_cpus=tuple(sorted(m.allowed_cpus)),
+        allowed_nodes=tuple(sorted(m.allowed_nodes)),
+        proc=root / "proc",
+        thp_file=root / "thp",
+    )
 
 
 @given(models())
@@ -100,8 +106,9 @@ def test_parser_agrees_with_the_model(m: Model) -> None:
         assert (n.memory_total, n.memory_free) == tuple(1024 * x for x in m.mem_kb[n.id])
         assert n.distances == m.distance[n.id]
         assert n.memory_allowed == (n.id in m.allowed_nodes)
-    assert [n.id for n in topo.compute_nodes()] == [i for i in sorted(m.node_cpus)
-                                                    if (m.node_cpus[i] - m.offline) & m.allowed_cpus]
+    assert [n.id for n in topo.compute_nodes()] == [
+        i for i in sorted(m.node_cpus) if (m.node_cpus[i] - m.offline) & m.allowed_cpus
+    ]
 
 
 @given(st.sets(st.integers(0, 5000), max_size=200))
@@ -111,8 +118,16 @@ def test_list_format_round_trips(values: set[int]) -> None:
     assert format_list(values) == kernel_list(values)
 
 
-CORRUPTIONS = ["cpulist-garbage", "cpulist-backwards", "cpu-on-two-nodes", "distance-short", "node-dir-missing",
-               "meminfo-no-total", "online-empty", "cpulist-missing"]
+CORRUPTIONS = [
+    "cpulist-garbage",
+    "cpulist-backwards",
+    "cpu-on-two-nodes",
+    "distance-short",
+    "node-dir-missing",
+    "meminfo-no-total",
+    "online-empty",
+    "cpulist-missing",
+]
 
 
 @given(models(), st.sampled_from(CORRUPTIONS))
@@ -134,8 +149,9 @@ def test_malformed_trees_are_refused_with_the_file_named(m: Model, corruption: s
                 ids.insert(0, ids[0] + 100)  # a second node, sharing CPU 0 with the first
                 extra = root / "node" / f"node{ids[0]}"
                 extra.mkdir()
-                (extra / "meminfo").write_text((victim / "meminfo").read_text().replace(
-                    f"Node {ids[-1]} ", f"Node {ids[0]} "))
+                (extra / "meminfo").write_text(
+                    (victim / "meminfo").read_text().replace(f"Node {ids[-1]} ", f"Node {ids[0]} ")
+                )
                 (root / "node" / "online").write_text(kernel_list(ids) + "\n")
                 for i in ids:
                     (root / "node" / f"node{i}" / "distance").write_text(" ".join("10" for _ in ids) + "\n")
@@ -181,8 +197,9 @@ def test_a_kernel_without_numa_is_one_node(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "online").write_text("0-3\n")
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc" / "meminfo").write_text("MemTotal:  2048 kB\nMemFree:   1024 kB\n")
-    topo = read_topology(tmp_path, allowed_cpus=(1, 2), allowed_nodes=(0,), proc=tmp_path / "proc",
-                         thp_file=tmp_path / "thp")
+    topo = read_topology(
+        tmp_path, allowed_cpus=(1, 2), allowed_nodes=(0,), proc=tmp_path / "proc", thp_file=tmp_path / "thp"
+    )
     (node,) = topo.nodes
     assert (node.id, node.cpus, node.usable_cpus) == (0, (0, 1, 2, 3), (1, 2))
     assert (node.memory_total, node.memory_free, node.distances) == (2048 * 1024, 1024 * 1024, {0: 10})

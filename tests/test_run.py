@@ -13,8 +13,9 @@ pytestmark = pytest.mark.model
 
 
 def numa_llama(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True,
-                          cwd=ROOT / "tests", timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "numa_llama", *args], capture_output=True, text=True, cwd=ROOT / "tests", timeout=600
+    )
 
 
 def run(numa: str, *extra: str) -> dict:

@@ -27,9 +27,16 @@ def commit(tree: Path, path: str, text: str, subject: str) -> None:
     (tree / path).write_text(text)
     git(tree, "add", "-A")
     env_free = ["-c", "user.name=Dev", "-c", "user.email=dev@example.invalid"]
-    subprocess.run(["git", *env_free, "commit", "-q", "-m", subject, "-m", "Why: a test.\n\nForwarded: no"],
-                   cwd=tree, check=True, env={"GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "PATH": "/usr/bin:/bin",
-                                              "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"})
+    subprocess.run(
+        ["git", *env_free, "commit", "-q", "-m", subject, "-m", "Why: a test.\n\nForwarded: no"],
+        cwd=tree,
+        check=True,
+        env={
+            "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
+            "PATH": "/usr/bin:/bin",
+            "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
+        },
+    )
 
 
 @pytest.fixture
@@ -165,8 +172,9 @@ def test_provenance_names_the_pin_and_every_patch_with_its_forwarded_state() -> 
     assert (ROOT / "patches" / "README.md").read_text() == text  # the committed file is current
 
 
-def test_check_fails_when_the_provenance_is_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_fails_when_the_provenance_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sync
 
     stale = tmp_path / "README.md"

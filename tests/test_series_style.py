@@ -18,13 +18,20 @@ Forwarded: no"""
 
 def patch_text(subject: str, message: str, file: str, added: list[str]) -> str:
     body = "\n".join("+" + line for line in added)
-    return (f"From 0 Mon Sep 17 00:00:00 2001\nFrom: Dev <dev@example.invalid>\nSubject: [PATCH] {subject}\n\n"
-            f"{message}\n---\n {file} | 1 +\n\ndiff --git a/{file} b/{file}\n--- a/{file}\n+++ b/{file}\n"
-            f"@@ -1,0 +1,{len(added)} @@\n{body}\n")
+    return (
+        f"From 0 Mon Sep 17 00:00:00 2001\nFrom: Dev <dev@example.invalid>\nSubject: [PATCH] {subject}\n\n"
+        f"{message}\n---\n {file} | 1 +\n\ndiff --git a/{file} b/{file}\n--- a/{file}\n+++ b/{file}\n"
+        f"@@ -1,0 +1,{len(added)} @@\n{body}\n"
+    )
 
 
-def problems(tmp_path: Path, subject: str = "ggml-cpu : a change", message: str = GOOD_MESSAGE,
-             file: str = "ggml/src/ggml-cpu/numa.cpp", added: list[str] | None = None) -> list[str]:
+def problems(
+    tmp_path: Path,
+    subject: str = "ggml-cpu : a change",
+    message: str = GOOD_MESSAGE,
+    file: str = "ggml/src/ggml-cpu/numa.cpp",
+    added: list[str] | None = None,
+) -> list[str]:
     p = tmp_path / "0001-x.patch"
     p.write_text(patch_text(subject, message, file, added or ["int x = 1;"]))
     return series_style.patch_problems(series_style.parse_patch(p))
@@ -34,24 +41,35 @@ def test_a_clean_patch_passes(tmp_path: Path) -> None:
     assert problems(tmp_path) == []
 
 
-@pytest.mark.parametrize("kwargs,expected", [
-    ({"subject": "Add a change"}, "is not llama.cpp's '<module> : <title>'"),
-    ({"message": "Too short.\n\nForwarded: no"}, "no paragraph says why"),
-    ({"message": GOOD_MESSAGE.replace("Forwarded: no", "")}, "no 'Forwarded:' line"),
-    ({"added": ["int x = 1;   "]}, "trailing whitespace"),
-    ({"added": ["\tint x = 1;"]}, "a tab"),
-    ({"added": ["    // ggml_barrier(params->threadpool);"]}, "commented-out code"),
-    ({"added": ["    // x = compute(a, b);"]}, "commented-out code"),
-    ({"file": "ggml/src/ggml-backend.cpp"}, "changes ggml/src/ggml-backend.cpp without saying why"),
-])
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"subject": "Add a change"}, "is not llama.cpp's '<module> : <title>'"),
+        ({"message": "Too short.\n\nForwarded: no"}, "no paragraph says why"),
+        ({"message": GOOD_MESSAGE.replace("Forwarded: no", "")}, "no 'Forwarded:' line"),
+        ({"added": ["int x = 1;   "]}, "trailing whitespace"),
+        ({"added": ["\tint x = 1;"]}, "a tab"),
+        ({"added": ["    // ggml_barrier(params->threadpool);"]}, "commented-out code"),
+        ({"added": ["    // x = compute(a, b);"]}, "commented-out code"),
+        ({"file": "ggml/src/ggml-backend.cpp"}, "changes ggml/src/ggml-backend.cpp without saying why"),
+    ],
+)
 def test_each_gate_catches_its_problem(tmp_path: Path, kwargs: dict, expected: str) -> None:
     found = problems(tmp_path, **kwargs)
     assert any(expected in p for p in found), found
 
 
 def test_prose_comments_are_not_taken_for_code(tmp_path: Path) -> None:
-    assert problems(tmp_path, added=["// read-only file mappings alone, and mbind policy does not govern them);",
-                                     "// the index (into nodes) of thread ith's node"]) == []
+    assert (
+        problems(
+            tmp_path,
+            added=[
+                "// read-only file mappings alone, and mbind policy does not govern them);",
+                "// the index (into nodes) of thread ith's node",
+            ],
+        )
+        == []
+    )
 
 
 def test_the_committed_series_passes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,9 +81,14 @@ def test_the_committed_series_passes(capsys: pytest.CaptureFixture[str]) -> None
 
 # -- clang-format, per patch commit, on the files the series adds ----------------------------------------------------
 
+
 def git(tree: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -104,10 +127,11 @@ def test_lines_added_to_upstream_files_follow_their_code_and_are_not_gated(toy_t
 
 def test_series_format_makes_every_prefix_pass(toy_tree: Path, tmp_path: Path) -> None:
     commit_file(toy_tree, "numa.h", "int  f(int a);\n")
-    commit_file(toy_tree, "numa.cpp", "#include \"numa.h\"\nint f(int a){return a;}\n")
+    commit_file(toy_tree, "numa.cpp", '#include "numa.h"\nint f(int a){return a;}\n')
     assert len(series_style.clang_format_problems(toy_tree, ["1", "2"])) == 2
-    head, changed = series_format.format_series(toy_tree, tmp_path / "scratch", series_style.clang_format_exe(),
-                                                log=lambda _: None)
+    head, changed = series_format.format_series(
+        toy_tree, tmp_path / "scratch", series_style.clang_format_exe(), log=lambda _: None
+    )
     git(toy_tree, "reset", "-q", "--hard", head)
     assert changed == ["ggml-cpu : numa.h", "ggml-cpu : numa.cpp"]
     assert series_style.clang_format_problems(toy_tree, ["1", "2"]) == []
