@@ -82,7 +82,7 @@ def require_patched_llama_cpp() -> None:
         lib = _llama_cpp()
     except (ImportError, RuntimeError, OSError) as e:
         raise StockLlamaCppError(f"numa_llama cannot load llama_cpp: {e}") from e
-    where = Path(lib.__file__).parent
+    where = Path(lib.__file__ or ".").parent  # a llama_cpp without a file of its own is judged by its library
     libdir = os.environ.get("LLAMA_CPP_LIB_PATH") or str(where / "lib")
     problems = []
     if not hasattr(lib, "GGML_NUMA_STRATEGY_MIGRATE"):
@@ -116,6 +116,6 @@ def build_info() -> BuildInfo:
         cpu_variants_built=rec["cpu_variants"],
         cpu_backend_loaded=_loaded_cpu_backend(),
         cpu_features=system_features(lib).get("CPU", {}),
-        library_dir=os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(lib.__file__).parent / "lib"),
+        library_dir=os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(lib.__file__ or ".").parent / "lib"),
         cmake_args=rec["cmake_args"],
     )

@@ -60,6 +60,7 @@ struct ggml_backend_cpu_numa_stats {
     int64_t failed_enomem;
     int64_t failed_cpuset;
     int64_t failed_other;
+    int64_t virtual_nodes;
 };
 
 struct ggml_backend_cpu_numa_barrier_stats {

@@ -193,6 +193,7 @@ class Stats:
     failed: dict[str, int]  # reason -> pages (eacces, ebusy, enomem, cpuset, other)
     barrier_wait_ns: tuple[int, ...]  # per compute thread
     barrier_waits: tuple[int, ...]
+    virtual_nodes: int = 0  # GGML_CPU_NUMA_VIRTUAL: node-local kernels ran over made-up nodes; nothing was placed
 
 
 def stats(llm: Llama | None = None, n_threads: int | None = None) -> Stats:
@@ -215,4 +216,5 @@ def stats(llm: Llama | None = None, n_threads: int | None = None) -> Stats:
         {k.removeprefix("failed_"): v for k, v in st.items() if k.startswith("failed_")},
         tuple(w.wait_ns for w in waits),
         tuple(w.waits for w in waits),
+        st["virtual_nodes"],
     )

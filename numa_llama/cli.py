@@ -101,8 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    counts = (args.rounds, args.reps, args.threads if args.threads is not None else 1)
-    if min(counts) < 1 or args.callgrind < 0 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
+    given = (args.rounds, args.reps, args.threads if args.threads is not None else 1)
+    if min(given) < 1 or args.callgrind < 0 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
         print("numa-llama: --rounds, --reps and --threads must be >= 1, -p/-n >= 0 and not both 0", file=sys.stderr)
         return 2
     model = _model(args.model)

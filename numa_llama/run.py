@@ -37,6 +37,16 @@ def numa_summary(
     where = f"{len(nodes)} NUMA node(s) ({', '.join(f'node{n}: {len(c)} CPUs' for n, c in nodes.items())})"
     if strategy == llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_DISABLED:
         return f"numa off; {where}; threads not pinned, pages left where first touched"
+    if strategy == llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_MIGRATE:
+        from numa_llama import hooks  # noqa: PLC0415
+
+        n_virtual = hooks.stats()["virtual_nodes"]
+        if n_virtual:
+            return (
+                f"numa=migrate under GGML_CPU_NUMA_VIRTUAL={n_virtual}; {where}: {threads} threads laid out over "
+                f"{n_virtual} virtual nodes, every CPU matmul multiplied node by node; no page was placed "
+                "(virtual nodes own no memory)"
+            )
     if len(nodes) < 2:
         return f"numa={name}; {where}: a single node, so threads were not pinned and no page had to move"
     if strategy == llama_cpp.llama_cpp.GGML_NUMA_STRATEGY_MIGRATE:
@@ -72,6 +82,7 @@ def generate(
     load_s = time.monotonic() - t0
     try:
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        assert isinstance(out, dict)  # not streamed: one response
         perf = llama_cpp.llama_perf_context(llm.ctx)
         n_threads = llm.context_params.n_threads
         strategy = llm.numa

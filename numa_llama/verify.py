@@ -81,12 +81,13 @@ class Report:
         }
 
 
-def verify(model: Path, numa: str | bool, threads: int | None, use_mmap: bool = True) -> Report:
+def verify(model: Path, numa: str | bool | int, threads: int | None, use_mmap: bool = True) -> Report:
     from llama_cpp import Llama  # noqa: PLC0415
 
     llm = Llama(str(model), numa=numa, n_threads=threads, n_ctx=128, use_mmap=use_mmap, verbose=False)
     try:
         out = llm.create_completion(PROMPT, max_tokens=2, temperature=0.0, top_k=1)  # the prompt, then a decode
+        assert isinstance(out, dict)  # not streamed: one response
         n_threads = int(llm.context_params.n_threads)
         tensors = api.placement(llm)
         try:
