@@ -10,6 +10,9 @@ cores with an empty ccache), not against the whole of llama.cpp. Flavours:
 ``guest-avx2``
     the ``haswell`` variant (AVX2): the repack, tiled and llamafile kernels
     exist only from AVX/AVX2 on; QEMU's TCG runs it, ~30x slower than sse42;
+``best``
+    the most demanding variant whose probe executes here (what the wheel
+    built here ships first): the kernel properties run through it natively;
 ``tsan``
     the same with ThreadSanitizer (``GGML_SANITIZE_THREAD``) and without
     OpenMP, whose runtime is not instrumented: the thread pool and both
@@ -38,6 +41,7 @@ import compile as native  # noqa: E402
 FLAVORS = {
     "guest": (native.GUEST_VARIANT, ["-DCMAKE_BUILD_TYPE=Release"]),
     "guest-avx2": ("haswell", ["-DCMAKE_BUILD_TYPE=Release"]),
+    "best": ("", ["-DCMAKE_BUILD_TYPE=Release"]),  # "": the best variant that runs here (compile.choose_variants)
     "tsan": (
         native.GUEST_VARIANT,
         ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DGGML_SANITIZE_THREAD=ON", "-DGGML_OPENMP=OFF"],
@@ -50,6 +54,8 @@ def ggml_args(tree: Path, flavor: str) -> list[str]:
     if flavor not in FLAVORS:
         raise native.BuildError(f"unknown flavour {flavor!r}; choose from {sorted(FLAVORS)}")
     name, extra = FLAVORS[flavor]
+    if not name:
+        name = native.choose_variants(native.x86_variants(tree), None, log=lambda _: None)[0]
     variant = next((v for v in native.x86_variants(tree) if v.name == name), None)
     if variant is None:
         raise native.BuildError(f"{tree} defines no {name} CPU variant")

@@ -61,16 +61,18 @@ def main() -> int:
         logp -= logp.max(axis=1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
         nll = -np.mean([logp[i, toks[i + 1]] for i in range(n - 1)])
-        print(
-            json.dumps(
-                {
-                    "sha256": hashlib.sha256(scores.tobytes()).hexdigest(),
-                    "ppl": repr(float(np.exp(nll))),
-                    "eval_s": time.monotonic() - t0,
-                }
-            ),
-            flush=True,
-        )
+        answer = {
+            "sha256": hashlib.sha256(scores.tobytes()).hexdigest(),
+            "ppl": repr(float(np.exp(nll))),
+            "eval_s": time.monotonic() - t0,
+        }
+        if numa == "migrate":  # what the series says it ran: virtual nodes, the layout, node-aware barrier waits
+            from numa_llama import hooks  # noqa: PLC0415
+
+            answer["virtual_nodes"] = hooks.stats()["virtual_nodes"]
+            answer["layout"] = hooks.layout(t)
+            answer["barrier_waits"] = [w.waits for w in hooks.barrier_stats(t, reset=True)]
+        print(json.dumps(answer), flush=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,28 @@ def test_a_missing_llama_bench_is_named(tmp_path: Path) -> None:
     proc = numa_llama("bench", "--llama-bench", str(tmp_path / "llama-bench"), "--rounds", "1")
     assert proc.returncode == 1
     assert f"no llama-bench at {tmp_path / 'llama-bench'}" in proc.stderr
+
+
+@pytest.mark.model
+def test_a_tiny_bench_runs_in_every_ci_run(patched_bench: Path) -> None:
+    """pp16/tg4, one round: the bench code runs end to end in CI (the other real runs are in tox -e bench).
+
+    One round of a 2-core machine is noisy, so the ratio is held only to a sanity range: off and migrate run
+    the same code on one node, and a ratio outside 0.5-2 is a broken measurement, not a slow build."""
+    proc = numa_llama(
+        "bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "-t", "2",
+        "--rounds", "1", "-r", "1", "-p", "16", "-n", "4", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["baseline"] == "patched-off" and out["tests"] == ["pp16", "tg4"]
+    assert set(out["samples"]) == set(out["median_tokens_per_s"]) == {"patched-off", "patched-migrate"}
+    for per_test in out["samples"].values():
+        assert set(per_test) == {"pp16", "tg4"}
+        assert all(len(v) == 1 and v[0] > 0 and math.isfinite(v[0]) for v in per_test.values()), per_test
+    ratios = out["ratio_to_baseline"]["patched-migrate"]
+    assert set(ratios) == {"pp16", "tg4"}
+    assert all(math.isfinite(r) and 0.5 <= r <= 2.0 for r in ratios.values()), ratios
 
 
 @pytest.mark.model

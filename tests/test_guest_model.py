@@ -8,7 +8,7 @@ import os
 import pytest
 from conftest import run_python
 
-pytestmark = [pytest.mark.numa_guest, pytest.mark.model]
+pytestmark = [pytest.mark.numa_guest, pytest.mark.model, pytest.mark.nodes4]
 
 
 def test_model_runs_with_migrate_on_every_node_count(model_path) -> None:

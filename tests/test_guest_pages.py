@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.numa_guest
+pytestmark = [pytest.mark.numa_guest, pytest.mark.nodes4]
 
 libc = ctypes.CDLL(None, use_errno=True)
 SYS_MBIND, SYS_MOVE_PAGES = 237, 279  # x86_64

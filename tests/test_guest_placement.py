@@ -48,8 +48,15 @@ def place(model_path: Path, threads: int, use_mmap: bool) -> dict:
     return run_json(PLACE.format(model=str(model_path), threads=threads, mmap=use_mmap))
 
 
-@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "no-mmap"])
-@pytest.mark.parametrize("per_node", [1, 2], ids=["1-thread-per-node", "2-threads-per-node"])
+@pytest.mark.parametrize(
+    "use_mmap,per_node",
+    [
+        pytest.param(True, 1, id="mmap-1-thread-per-node", marks=pytest.mark.nodes4),
+        pytest.param(True, 2, id="mmap-2-threads-per-node"),
+        pytest.param(False, 1, id="no-mmap-1-thread-per-node"),
+        pytest.param(False, 2, id="no-mmap-2-threads-per-node", marks=pytest.mark.nodes4),
+    ],
+)
 def test_pages_are_where_the_plan_says(model_path: Path, use_mmap: bool, per_node: int) -> None:
     """After placement the kernel reports every page of node k's slab on node k; the counts add up."""
     nodes = nodes_with_cpus()
@@ -139,6 +146,7 @@ print(json.dumps({{"per_thread": loc.per_thread, "overall": loc.overall, "nodes"
 """
 
 
+@pytest.mark.nodes4
 @pytest.mark.parametrize("per_node", [1], ids=["1-thread-per-node"])  # 2 per node: by hand (minutes per run)
 def test_decode_locality_migrate_beside_stock_distribute(model_path: Path, per_node: int) -> None:
     """Of the weight bytes each thread multiplies for one token, >= 99.5% are on its node with migrate.
