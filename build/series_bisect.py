@@ -10,15 +10,27 @@ are compiled in), and the tests that exist at that commit run on this host:
 - ``test-cpu-numa 2`` where the commit has it;
 - ``test-backend-ops -b CPU --numa migrate`` on the matmul cases of a few types.
 
+Where a prefix has the virtual topology (``GGML_CPU_NUMA_VIRTUAL``),
+``test-cpu-numa`` runs again over 3 virtual nodes, so that its node-local paths
+run on this one-node host too.
+
 One worktree and one build directory serve every prefix, so ccache and ninja
-rebuild only what each patch changed. Usage:
-``python build/series_bisect.py [--from K] [--to K] [-v]``; exit status 1 names the
-first prefix that fails.
+rebuild only what each patch changed.
+
+A green run of the whole series writes a record to the user's cache directory,
+keyed by everything the run checks: the patches and their series file, this
+script and the build scripts it uses, and the compiler's version. The next run
+with the same key says so and skips (the tests are in the patches, so a changed
+test changes the key); ``--force`` runs anyway. Usage:
+``python build/series_bisect.py [--from K] [--to K] [--force] [-v]``; exit status 1
+names the first prefix that fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +74,30 @@ class Step:
     detail: str = ""
 
 
+VIRTUAL_NODES = "3"  # test-cpu-numa over 3 virtual nodes, 4 threads: an uneven layout (2, 1, 1)
+KEYED = [HERE / "series_bisect.py", HERE / "ggml_tests.py", HERE / "compile.py", HERE / "bench_build.py"]
+
+
+def record_path() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "numa-llama" / "bisect-green.json"
+
+
+def record_key() -> str:
+    """What a green run vouches for: the series (tests included), the scripts that build and run it, the compiler."""
+    h = hashlib.sha256()
+    patches = ROOT / "patches" / "llama.cpp"
+    for f in [patches / "series", *sorted(patches.glob("*.patch")), *KEYED]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for cc in (os.environ.get("CC", "cc"), os.environ.get("CXX", "c++")):
+        try:
+            out = subprocess.run([cc, "--version"], capture_output=True, text=True)
+            h.update(out.stdout.encode() if out.returncode == 0 else f"{cc} failed".encode())
+        except OSError:
+            h.update(f"no {cc}".encode())
+    return h.hexdigest()
+
+
 def series_commits() -> list[tuple[str, str]]:
     out = subprocess.run(
         ["git", "-C", str(VENDOR), "log", "--reverse", "--format=%H %s", f"{BASE_REF}..HEAD"],
@@ -91,6 +127,16 @@ def check_prefix(step: Step, build_root: Path, log) -> None:
     if "test-cpu-numa" in tests:
         run_test([str(bins / "test-cpu-numa"), "2"], "test-cpu-numa")
         done.append("test-cpu-numa")
+        if "GGML_CPU_NUMA_VIRTUAL" in (tree / "ggml" / "src" / "ggml-cpu" / "numa.cpp").read_text():
+            out = run_test(
+                ["env", f"GGML_CPU_NUMA_VIRTUAL={VIRTUAL_NODES}", str(bins / "test-cpu-numa"), "4"],
+                f"test-cpu-numa under GGML_CPU_NUMA_VIRTUAL={VIRTUAL_NODES}",
+            )
+            if "virtual nodes (GGML_CPU_NUMA_VIRTUAL): node-local paths" not in out:
+                raise native.BuildError(
+                    "test-cpu-numa did not run the node-local paths over virtual nodes:\n" + out[-1500:]
+                )
+            done.append(f"test-cpu-numa on {VIRTUAL_NODES} virtual nodes")
     out = run_test([str(bins / "test-backend-ops"), *BACKEND_OPS], "test-backend-ops --numa migrate")
     if " tests passed" not in out or "FAIL" in out:
         raise native.BuildError("test-backend-ops printed no passing summary:\n" + out[-1500:])
@@ -104,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--to", dest="last", type=int, default=0, help="last prefix (default: all)")
     ap.add_argument("--build-root", type=Path, default=ROOT / "_build")
     ap.add_argument("-v", "--verbose", action="store_true", help="stream the builds")
+    ap.add_argument("--force", action="store_true", help="run even where a green run of the same key is on record")
     args = ap.parse_args(argv)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else (lambda line: None)
     try:
@@ -112,6 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bisect: {e}", file=sys.stderr)
         return 2
     last = args.last or len(commits)
+    whole = args.first == 1 and last == len(commits)
+    key = record_key()
+    record = record_path()
+    if whole and not args.force and record.exists():
+        try:
+            seen = json.loads(record.read_text())
+        except (OSError, ValueError):
+            seen = {}
+        if seen.get("key") == key:
+            print(
+                f"bisect: skipped: nothing it checks has changed since the green run of {seen.get('when')} "
+                f"on this machine ({seen.get('prefixes')} prefixes, key {key[:16]}, {record}); --force runs it"
+            )
+            return 0
     steps = [Step(k, c, s) for k, (c, s) in enumerate(commits, 1) if args.first <= k <= last]
     os.environ.setdefault("CCACHE_NOHASHDIR", "1")
     for step in steps:
@@ -128,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bisect: the series first fails at patch {step.k}: {step.subject}", file=sys.stderr)
             return 1
     print(f"bisect: {len(steps)} prefix(es) build and pass on their own")
+    if whole:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(
+                json.dumps({"key": key, "prefixes": len(steps), "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n"
+            )
+        except OSError as e:
+            print(f"bisect: the green run could not be recorded ({e}): the next run checks everything again")
     return 0
 
 
