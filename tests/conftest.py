@@ -77,7 +77,7 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 30
     )
 
 
-def run_json(code: str, env: dict[str, str] | None = None) -> dict:
-    proc = run_python(code, env)
+def run_json(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> dict:
+    proc = run_python(code, env, timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

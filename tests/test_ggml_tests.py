@@ -245,13 +245,19 @@ def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
 
     src1 is converted once per node, into a buffer bound to the node: the kernel (numa_maps) puts every page of
     the barrier's counters and of the src1 buffers on its node (the weights' pages are asked of move_pages).
-    The AVX2 build runs some 30 times slower than sse42 under TCG: only the 10 repacked cases run here; the
+    The AVX2 build runs some 30 times slower than sse42 under TCG: only the 10 repacked cases (and two more) run; the
     results of the repack, tiled and llamafile paths are tested on the host (test_prop_kernels.py).
     """
     nodes = node_count()
-    proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes, "repack", env={"GGML_CPU_NUMA_DEBUG": "2"})
+    # the 10 repacked cases, and two that convert src1 per node on every node (the repack kernels convert src1
+    # themselves), so that numa_maps shows a bound src1 buffer on each node
+    cases = [f"{t}:512:640:0:0:{n}:repack" for t in ("q4_0", "q4_K") for n in (1, 5, 40)]
+    cases += [f"{t}:256:384:4:2:{n}:repack" for t in ("q4_0", "q4_K") for n in (1, 9)]
+    cases += ["q4_K:512:640:0:0:40", "f16:512:640:0:0:40"]  # last: the largest src1 (40 tokens x 1 KiB of F16)
+    args = [a for c in cases for a in ("--case", c)]
+    proc = run(bins["guest-avx2"] / "test-cpu-numa", nodes, *args, env={"GGML_CPU_NUMA_DEBUG": "2"})
     assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
-    assert cases_passed(proc.stdout) == (10, 10)
+    assert cases_passed(proc.stdout) == (12, 12)
     repacked = [line for line in proc.stdout.splitlines() if " repack " in line and "bitwise equal" in line]
     assert len(repacked) == 10, proc.stdout  # q4_0 and q4_K, 3 mul_mat + 2 mul_mat_id each
     src1 = re.search(rf"src1 buffers of (\d+) bytes on each of {nodes} nodes", proc.stderr)
