@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.model
 
 WORKER = Path(__file__).with_name("logits_worker.py")
-GUEST = bool(os.environ.get("NUMA_VM"))
 NODES = numa_nodes()
 MAX_THREADS = min(16, 4 * NODES)  # up to 4 per node: more threads than the guests' CPUs, too
 
@@ -78,12 +77,10 @@ def workers(model_path: Path):
         w.close()
 
 
-# The guest runs the model at TCG speed (an all-logits evaluation of 16 tokens takes tens of seconds there, and
-# each strategy is a process that loads the model): two explicit examples and a few drawn ones there, the
-# profile's share on the host.
-EXAMPLES = max(2, settings().max_examples // 100) if GUEST else max(8, settings().max_examples // 10)
-STRATEGIES = ["migrate", "distribute", "isolate"] if GUEST else ["migrate", "distribute", "isolate", "numactl"]
-MAX_TOKENS = 16 if GUEST else 40
+# each strategy is a process that holds the model: a tenth of the profile's examples
+EXAMPLES = max(8, settings().max_examples // 10)
+STRATEGIES = ["migrate", "distribute", "isolate", "numactl"]
+MAX_TOKENS = 40
 PPL_TOKENS = 32
 
 
@@ -115,7 +112,7 @@ def test_logits_are_bitwise_those_of_numa_off(
     )
 
 
-@pytest.mark.parametrize("threads", [NODES] if GUEST else [1, 2, 4], ids=lambda t: f"{t}-threads")
+@pytest.mark.parametrize("threads", [1, 2, 4], ids=lambda t: f"{t}-threads")
 def test_perplexity_is_identical_to_every_digit(workers, threads: int) -> None:
     """Perplexity of a fixed stretch of prose, off vs migrate: the same float, every digit printed."""
     off = workers("off", True).ask(threads, 64, 0, PPL_TOKENS)
