@@ -69,6 +69,24 @@ def model_path() -> Path:
     return resolve_model(None)
 
 
+@pytest.fixture(scope="session")
+def synthetic_model() -> Path:
+    """The seeded synthetic Llama (numa_llama.synthetic): page-aligned, so placement has an exact answer.
+
+    In a guest the host's filesystem is read-only: `tox -e numa` writes it on the host first."""
+    from numa_llama import synthetic
+
+    return synthetic.cached()
+
+
+@pytest.fixture(scope="session")
+def straddling_model() -> Path:
+    """The same synthetic Llama with 32-byte tensor alignment: slab boundaries straddle pages."""
+    from numa_llama import synthetic
+
+    return synthetic.cached(synthetic.Shape(page_aligned=False))
+
+
 def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter: llama.cpp initialises NUMA once per process."""
     full_env = {**os.environ, **(env or {})}
