@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = [pytest.mark.vm, pytest.mark.model]
+pytestmark = pytest.mark.vm
 
 RUN = """
 import json
@@ -57,11 +57,11 @@ def last_json(proc: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def test_memory_only_node_gets_no_threads_and_no_slabs(model_path) -> None:
+def test_memory_only_node_gets_no_threads_and_no_slabs(synthetic_model) -> None:
     """Nodes 0 and 1 have a CPU, node 2 only memory (CXL-like): threads and slabs go to 0 and 1 only."""
     proc = guest(
         ["--nodes", "3", "--cpus-per-node", "1,1,0", "--mem-per-node", "1G,1G,512M"],
-        script(model_path, "off", 2) + " && " + script(model_path, "migrate", 2),
+        script(synthetic_model, "off", 2) + " && " + script(synthetic_model, "migrate", 2),
     )
     off, migrate = last_json(proc)
     assert migrate["text"] == off["text"] and migrate["text"].strip()
@@ -78,11 +78,11 @@ CPUSET = (
 )
 
 
-def test_node_outside_the_cpuset_is_counted_and_the_model_runs(model_path) -> None:
+def test_node_outside_the_cpuset_is_counted_and_the_model_runs(synthetic_model) -> None:
     """cpuset.mems = 0 on a 2-node guest: node 1's slabs cannot move there; counted, warned once, same text."""
     proc = guest(
         ["--nodes", "2"],
-        CPUSET + script(model_path, "off", 2) + " && " + script(model_path, "migrate", 2, verbose=True),
+        CPUSET + script(synthetic_model, "off", 2) + " && " + script(synthetic_model, "migrate", 2, verbose=True),
     )
     off, migrate = last_json(proc)
     assert "Mems_allowed_list:\t0\n" in proc.stderr

@@ -80,39 +80,29 @@ def test_guest_has_the_topology_asked_for() -> None:
 
 
 @pytest.mark.vm
-def test_exit_code_and_streams_come_back_unchanged() -> None:
-    proc = vm("--nodes", "2", "--", "sh", "-c", "printf 'out\\n1 2\\n'; printf 'err\\n' >&2; exit 7")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (7, "out\n1 2\n", "err\n")
-
-
-@pytest.mark.vm
-def test_runs_in_the_current_directory_with_the_environment(tmp_path) -> None:
+def test_exit_code_streams_directory_environment_and_scratch_come_back(tmp_path) -> None:
+    """One boot: the command runs in the current directory with the environment (quoting intact), its stdout and
+    stderr come back apart and unchanged, and so does its exit code; the scratch directory is writable and comes
+    back, $TMPDIR is writable, and the host's files are read-only."""
+    cwd = tmp_path / "cwd"
+    scratch = tmp_path / "scratch"
+    cwd.mkdir()
+    scratch.mkdir()
+    shell = (
+        "pwd; echo $MY_VAR; echo $NUMA_VM_NODES; printf 'out\\n1 2\\n'; printf 'err\\n' >&2; "
+        'echo result > "$NUMA_VM_SCRATCH/r.txt" && touch "$TMPDIR/ok" && ! touch /etc/nope 2>/dev/null && exit 7'
+    )
     proc = subprocess.run(
-        [*RUNNER, "--nodes", "2", "--", "sh", "-c", "pwd; echo $MY_VAR; echo $NUMA_VM_NODES"],
+        [*RUNNER, "--nodes", "2", "--scratch", str(scratch), "--", "sh", "-c", shell],
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=tmp_path,
+        cwd=cwd,
         env={**__import__("os").environ, "MY_VAR": "it's 'quoted' $HOME"},
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [str(tmp_path), "it's 'quoted' $HOME", "2"]
-
-
-@pytest.mark.vm
-def test_scratch_is_writable_and_comes_back(tmp_path) -> None:
-    proc = vm(
-        "--nodes",
-        "2",
-        "--scratch",
-        str(tmp_path),
-        "--",
-        "sh",
-        "-c",
-        'echo result > "$NUMA_VM_SCRATCH/r.txt" && touch "$TMPDIR/ok" && ! touch /etc/nope 2>/dev/null',
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "r.txt").read_text() == "result\n"
+    assert (proc.returncode, proc.stderr) == (7, "err\n"), proc.stderr
+    assert proc.stdout.splitlines() == [str(cwd), "it's 'quoted' $HOME", "2", "out", "1 2"]
+    assert (scratch / "r.txt").read_text() == "result\n"
 
 
 @pytest.mark.vm
