@@ -95,7 +95,9 @@ def gguf_tensor_infos(model_path: str | os.PathLike[str]) -> list[tuple[str, tup
             nonlocal pos
             size = struct.calcsize(fmt)
             if pos + size > len(m):
-                raise GGUFFormatError(f"{model_path}: GGUF header truncated at byte {pos}")
+                raise GGUFFormatError(
+                    f"{model_path}: GGUF header truncated (it needs {pos + size} bytes; the file has {len(m)})"
+                )
             out = struct.unpack_from(fmt, m, pos)
             pos += size
             return out
