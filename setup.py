@@ -7,9 +7,14 @@
 2. applies both patch series (``build/series.py``; a no-op when applied);
 3. compiles the patched llama.cpp once, through the bindings' own CMake project,
    in the persistent build directory ``_build/cmake`` (``build/compile.py``);
-   an unchanged rebuild only asks ninja, which finds nothing to do;
+   an unchanged rebuild only asks ninja, which finds nothing to do; then runs
+   each CPU variant's own kernels and ships only those that pass
+   (``build/package.py``);
 4. packages ``llama_cpp`` (the patched bindings) with the libraries in
-   ``llama_cpp/lib``, and ``numa_llama``.
+   ``llama_cpp/lib``, and ``numa_llama``. The bindings are installed as
+   ``_numa_llama_bindings/llama_cpp``, not ``llama_cpp/``, and ``numa_llama.pth``
+   makes ``import llama_cpp`` find them first (``numa_llama/_finder.py``): so
+   numa-llama and a stock llama-cpp-python never own the same file.
 
 Environment: ``CMAKE_ARGS`` (appended to ours, as llama-cpp-python does),
 ``NUMA_LLAMA_CPU_VARIANTS`` (which ggml CPU variants to build), ``NUMA_LLAMA_BUILD_DIR``.
@@ -33,10 +38,13 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "build"))
 
 import compile as native  # noqa: E402
+import package  # noqa: E402
 import sync  # noqa: E402
 from upstream import Pin  # noqa: E402
 
 BINDINGS = "vendor/llama-cpp-python"
+HIDDEN = "_numa_llama_bindings"  # where the patched llama_cpp is installed (numa_llama/_finder.py)
+FINDER = "_numa_llama_finder"  # numa_llama/_finder.py, installed top-level: numa_llama.pth imports it
 
 
 def log(msg: str) -> None:
@@ -73,11 +81,14 @@ class BuildNative(build_py):
         log(f"numa-llama: [1/3] compiling the patched llama.cpp in {build_dir}")
         t0 = time.monotonic()
         try:
-            result = native.build(ROOT / BINDINGS, build_dir, log=log)
-            log(f"numa-llama: [2/3] compiled in {time.monotonic() - t0:.0f} s; checking the library loads here")
+            result = package.build(ROOT / BINDINGS, build_dir, log=log)
+            log(
+                f"numa-llama: [2/3] compiled and verified in {time.monotonic() - t0:.0f} s (verification "
+                f"{result.verify_seconds:.1f} s); checking the library loads here"
+            )
             lib_stage = build_dir.parent / "lib"
-            native.install_libs(result.libs, lib_stage)
-            info_line = native.smoke_test(lib_stage)
+            package.install_libs(result.libs, lib_stage)
+            info_line = package.smoke_test(lib_stage)
         except native.BuildError as e:
             log(f"numa-llama: build failed: {e}")
             raise SystemExit(1) from None
@@ -87,9 +98,16 @@ class BuildNative(build_py):
         shutil.rmtree(Path(self.build_lib) / "numa_llama", ignore_errors=True)
         super().run()
         log("numa-llama: [3/3] packaging llama_cpp (patched) and numa_llama")
-        native.install_libs(result.libs, Path(self.build_lib) / "llama_cpp" / "lib")
+        build_lib = Path(self.build_lib)
+        package.install_libs(result.libs, build_lib / HIDDEN / "llama_cpp" / "lib")
+        shutil.rmtree(build_lib / "llama_cpp", ignore_errors=True)  # what builds before this one put there
+        shutil.copy2(ROOT / "numa_llama" / "_finder.py", build_lib / f"{FINDER}.py")
+        # One line, exec'd by site.py at every start. Guarded: pip's build isolation processes this directory's
+        # .pth files with nothing but it on sys.path (no standard library), where the import cannot succeed.
+        guarded = f'import sys; exec("try:\\n import {FINDER}\\nexcept ImportError:\\n pass")\n'
+        (build_lib / "numa_llama.pth").write_text(guarded)
 
-    def _write_build_info(self, result: native.BuildResult) -> None:
+    def _write_build_info(self, result: package.BuildResult) -> None:
         if AS_IS:
             series = {
                 s.patch_dir.name: s.commits() + (["(uncommitted changes)"] if s.dirty() else [])
@@ -101,6 +119,8 @@ class BuildNative(build_py):
             "pin": Pin.load().as_dict(),
             "patches": series,
             "cpu_variants": result.variants,
+            # what the build machine's own run of each variant's kernels gave (build/cpu_check.c)
+            "cpu_variants_verified": {n: {"ok": v.ok, "how": v.how} for n, v in result.verdicts.items()},
             "cmake_args": result.cmake_args,
         }
         (ROOT / "numa_llama" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -134,9 +154,9 @@ prepare()
 
 setup(
     distclass=BinaryDistribution,
-    packages=["numa_llama", "llama_cpp", "llama_cpp.server"],
-    package_dir={"llama_cpp": f"{BINDINGS}/llama_cpp"},
-    package_data={"numa_llama": ["_build_info.json", "py.typed"], "llama_cpp": ["py.typed"]},
+    packages=["numa_llama", f"{HIDDEN}.llama_cpp", f"{HIDDEN}.llama_cpp.server"],
+    package_dir={f"{HIDDEN}.llama_cpp": f"{BINDINGS}/llama_cpp"},
+    package_data={"numa_llama": ["_build_info.json", "py.typed"], f"{HIDDEN}.llama_cpp": ["py.typed"]},
     cmdclass={"build_py": BuildNative, "build_ext": BuildExt},
     # the kernel oracle and the series' C API (API mode: compiled against the patched ggml-cpu.h)
     cffi_modules=["numa_llama/_native_build.py:ffibuilder"],

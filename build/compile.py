@@ -1,4 +1,5 @@
-"""Compile the patched llama.cpp through the bindings' own CMake project.
+"""Probe and compile the patched llama.cpp through the bindings' own CMake project (``package.py`` drives it,
+and decides what is shipped).
 
 One CMake build of ``vendor/llama-cpp-python`` (whose ``vendor/llama.cpp`` is
 the patched tree) with ``GGML_CPU_NUMA=ON``, shared libraries and ggml's
@@ -12,7 +13,8 @@ child process (``cpu_probe.c``); a variant whose probe dies is never built, and
 the build says so. Of the variants that run, the best one is built, plus
 ``sse42``, the variant that runs fast under QEMU TCG in the multi-node guest.
 ``NUMA_LLAMA_CPU_VARIANTS=a,b`` chooses others (still probed), and
-``CMAKE_ARGS`` is honoured as llama-cpp-python honours it.
+``CMAKE_ARGS`` is honoured as llama-cpp-python honours it. The probe is a
+first filter only: ``package.py`` then runs each built variant's own kernels.
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +138,6 @@ def choose_variants(variants: list[Variant], wanted: list[str] | None, log=print
     return chosen
 
 
-@dataclass
-class BuildResult:
-    libs: list[Path]
-    variants: list[str]
-    cmake_args: list[str]
-    seconds: float
-
-
 X86_FEATURES = ["NATIVE", *FEATURE_FLAGS]
 
 
@@ -206,48 +198,6 @@ def _configure(source: Path, build_dir: Path, args: list[str], log) -> None:
     stamp.write_text(json.dumps(key) + "\n")
 
 
-def build(source: Path, build_root: Path, jobs: int | None = None, log=print) -> BuildResult:
-    """Build the libraries to ship: one CMake build of the bindings' project for
-    the best CPU variant, plus one ``ggml-cpu``-only build per further variant.
-
-    This is what ``GGML_CPU_ALL_VARIANTS`` does, one variant per build
-    directory, so that only the probed variants are compiled: under
-    ``GGML_CPU_ALL_VARIANTS`` the ``ggml`` target depends on every variant.
-    """
-    t0 = time.monotonic()
-    wanted_env = os.environ.get("NUMA_LLAMA_CPU_VARIANTS", "")
-    wanted = [w.strip() for w in wanted_env.split(",") if w.strip()] or None
-    all_variants = x86_variants(source / "vendor" / "llama.cpp")
-    names = choose_variants(all_variants, wanted, log=log)
-    by_name = {v.name: v for v in all_variants}
-    jobs = jobs or int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", 0)) or os.cpu_count() or 1
-    if shutil.which("ccache"):
-        log("-- numa-llama: ccache found; ggml's GGML_CCACHE uses it")
-    else:
-        log("-- numa-llama: ccache not found: every build compiles from scratch (apt-get install ccache)")
-    libs: list[Path] = []
-    main_args: list[str] = []
-    for i, name in enumerate(names):
-        args = cmake_args(by_name[name])
-        build_dir = build_root if i == 0 else build_root.parent / f"{build_root.name}-cpu-{name}"
-        log(f"-- numa-llama: CPU variant {name} ({i + 1}/{len(names)}) in {build_dir}")
-        _configure(source, build_dir, args, log)
-        targets = (_base_targets(build_dir) if i == 0 else []) + ["ggml-cpu"]
-        _stream(["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs), "--target", *targets], log)
-        bin_dir = build_dir / "bin"
-        if i == 0:
-            main_args = args
-            libs += _outputs(build_dir, [t for t in targets if t != "ggml-cpu"])
-        cpu = bin_dir / "libggml-cpu.so"
-        if not cpu.exists():
-            raise BuildError(f"built ggml-cpu but found no {cpu} (did CMAKE_ARGS change the CPU backend?)")
-        # The name the loader scans for (libggml-cpu-*.so) and ranks by score.
-        renamed = bin_dir / f"libggml-cpu-{name}.so"
-        shutil.copy2(cpu, renamed)
-        libs.append(renamed)
-    return BuildResult(libs, names, main_args, time.monotonic() - t0)
-
-
 def _base_targets(build_dir: Path) -> list[str]:
     """llama, ggml, ggml-base and, unless CMAKE_ARGS turned off LLAVA_BUILD, mtmd."""
     have = _targets(build_dir)
@@ -294,24 +244,3 @@ def install_libs(libs: list[Path], dest: Path) -> None:
             target.symlink_to(os.readlink(lib))
         else:
             shutil.copy2(lib, target)
-
-
-def smoke_test(lib_dir: Path, python: str = sys.executable) -> str:
-    """Load the built libraries in a child process; return the system-info line."""
-    code = (
-        "import ctypes, sys\n"
-        f"d = {str(lib_dir)!r}\n"
-        "g = ctypes.CDLL(d + '/libggml.so')\n"
-        "g.ggml_backend_load_all_from_path(d.encode())\n"
-        "l = ctypes.CDLL(d + '/libllama.so')\n"
-        "l.llama_backend_init()\n"
-        "l.llama_print_system_info.restype = ctypes.c_char_p\n"
-        "print(l.llama_print_system_info().decode())\n"
-    )
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        sig = f" ({signal.Signals(-proc.returncode).name})" if proc.returncode < 0 else ""
-        raise BuildError(
-            f"the built library dies when loaded on this machine: exit {proc.returncode}{sig}\n" + proc.stderr[-2000:]
-        )
-    return proc.stdout.strip()

@@ -105,6 +105,7 @@ def require_patched_llama_cpp() -> None:
 
 def build_info() -> BuildInfo:
     """The pin, the patches applied, the CPU variants built, and what the running library reports."""
+    require_patched_llama_cpp()
     rec = _recorded()
     lib = _llama_cpp()
     pin = rec["pin"]

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from numa_llama import hooks, kernel, sysfs
+from numa_llama._build import require_patched_llama_cpp
 from numa_llama.decode import Locality, Weight, decode_locality, mapped_weights, weights_locality
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+require_patched_llama_cpp()  # StockLlamaCppError, saying how to fix it, before anything is asked of llama_cpp
 
 BOUNDARY = -1  # intended node of a page that no slab holds whole (it straddles two, or holds a tensor's edge)
 

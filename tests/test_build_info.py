@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -57,17 +60,57 @@ def stock_bindings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_stock_llama_cpp_is_refused(stock_bindings: Path) -> None:
-    """Stock bindings first on sys.path (even over our libraries): import numa_llama says how to fix it."""
+def run_beside_stock(code: str, stock_bindings: Path) -> subprocess.CompletedProcess:
+    """code where Python loads the stock bindings (over our libraries): ``-S`` leaves numa_llama.pth, and so
+    the finder that puts the patched llama_cpp first (numa_llama/_finder.py), unread, and the stock bindings
+    come first on sys.path, numa_llama's site-packages after them."""
     lib = Path(numa_llama.build_info().library_dir)
-    proc = run_python("import numa_llama", env={"PYTHONPATH": str(stock_bindings), "LLAMA_CPP_LIB_PATH": str(lib)})
+    sites = [p for p in sys.path if p.endswith("site-packages")]  # numa_llama's, and those of what it imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stock_bindings), *sites]), "LLAMA_CPP_LIB_PATH": str(lib)}
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=stock_bindings
+    )
+
+
+def test_stock_llama_cpp_is_refused(stock_bindings: Path) -> None:
+    """Stock bindings first: the API says how to fix it, in one line."""
+    proc = run_beside_stock("import numa_llama; numa_llama.locality", stock_bindings)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("numa_llama._build.StockLlamaCppError: numa_llama needs the llama_cpp built by numa-llama")
     assert "stock llama-cpp-python" in last and "Fix:" in last
 
 
+# python -m numa_llama ARGS, in the child's own sys.path (where the stock bindings come first)
+CLI = "import runpy, sys; sys.argv = ['numa-llama', *{args!r}]; runpy.run_module('numa_llama', run_name='__main__')"
+
+
+def test_cli_help_and_version_work_beside_a_stock_llama_cpp(stock_bindings: Path) -> None:
+    """--help and --version need no llama_cpp; a subcommand says what is wrong in one line and exits 3."""
+    for args, out in ((["--help"], "usage: numa-llama"), (["--version"], f"numa-llama {numa_llama.__version__}")):
+        proc = run_beside_stock(CLI.format(args=args), stock_bindings)
+        assert proc.returncode == 0 and proc.stdout.startswith(out), (args, proc.stdout, proc.stderr[-1000:])
+        assert "Traceback" not in proc.stderr
+    for sub in (["info"], ["topology"], ["run", "-n", "1"]):
+        proc = run_beside_stock(CLI.format(args=sub), stock_bindings)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 3 and len(lines) == 1, (sub, proc.returncode, proc.stderr[-2000:])
+        assert lines[0].startswith("numa-llama: numa_llama needs the llama_cpp built by numa-llama"), lines
+
+
 def test_patched_llama_cpp_is_accepted() -> None:
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     proc = run_python("import numa_llama; print('ok')", env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_patched_bindings_come_first_over_a_stock_llama_cpp_on_sys_path(stock_bindings: Path) -> None:
+    """numa_llama.pth's finder answers ``import llama_cpp`` before sys.path is searched (numa_llama/_finder.py)."""
+    code = (
+        "import json, llama_cpp, llama_cpp.llama_cpp as lib; "
+        "print(json.dumps([llama_cpp.__file__, hasattr(lib, 'GGML_NUMA_STRATEGY_MIGRATE')]))"
+    )
+    proc = run_python(code, env={"PYTHONPATH": str(stock_bindings)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, patched = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert patched and "_numa_llama_bindings" in where and not where.startswith(str(stock_bindings))

@@ -145,3 +145,31 @@ def test_verify_missing_model(tmp_path: Path) -> None:
 def test_both_node_sources_at_once_is_refused() -> None:
     proc = numa_llama("plan", "--nodes", "2", "--from-system")
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory: pytest.TempPathFactory, synthetic_model: Path) -> dict[str, Path]:
+    """A header cut short, a whole header whose tensor data is cut short, and bytes that are no GGUF at all."""
+    d = tmp_path_factory.mktemp("bad-gguf")
+    whole = synthetic_model.read_bytes()
+    out = {"header-truncated": whole[:1000], "data-truncated": whole[: len(whole) // 2], "garbage": b"\x9f" * 65536}
+    for name, data in out.items():
+        (d / f"{name}.gguf").write_bytes(data)
+    return {name: d / f"{name}.gguf" for name in out}
+
+
+@pytest.mark.parametrize("kind", ["header-truncated", "data-truncated", "garbage"])
+@pytest.mark.parametrize("sub", ["run", "bench", "plan", "verify"])
+def test_every_subcommand_refuses_a_broken_gguf_in_one_line(
+    sub: str, kind: str, bad_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every subcommand that takes a model: exit 2 and one line naming the file and what is wrong, before
+    llama.cpp loads it (or a llama-bench is built for it)."""
+    from numa_llama.cli import main
+
+    path = bad_models[kind]
+    rc = main([sub, str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, (rc, err)
+    expect = {"header-truncated": "GGUF header truncated", "data-truncated": "truncated: tensor", "garbage": "not a"}
+    assert err[0].startswith(f"numa-llama: {path}: ") and expect[kind] in err[0], err
