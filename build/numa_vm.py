@@ -293,6 +293,9 @@ def write_run_script(scratch: Path, cwd: Path, command: list[str], nodes: int) -
         TMPDIR="/run/tmp",  # a tmpfs: the host's /tmp stays visible, read-only
         PYTHONDONTWRITEBYTECODE="1",
         PYTHONPYCACHEPREFIX=str(scratch / "pycache"),
+        # the guests prove placement, not kernels: TCG runs the sse42 variant about 25x slower than the host, an
+        # AVX2 one about 800x; the host verifies every variant (numa_llama/_variants.py). A caller's value wins.
+        NUMA_LLAMA_CPU_VARIANT=os.environ.get("NUMA_LLAMA_CPU_VARIANT") or "sse42",
     )
     lines = ["# written by build/numa_vm.py"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]

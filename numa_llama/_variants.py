@@ -196,6 +196,21 @@ def cache_path() -> Path:
     return Path(base) / "numa-llama" / "cpu-variants.json"
 
 
+def boot_cache_path() -> Path | None:
+    """Where verdicts go when the user's cache directory cannot be written (a read-only home, the multi-node
+    guest): a directory of this user's own under the temporary directory, which lasts as long as a verdict
+    does (this boot). None when it exists and is not this user's alone."""
+    d = Path(os.environ.get("TMPDIR") or "/tmp") / f"numa-llama-{os.getuid()}"
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = d.stat()
+    except OSError:
+        return None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None  # someone else's, or writable by others: its verdicts could be anyone's
+    return d / "cpu-variants.json"
+
+
 def _load_cache(path: Path, boot: str) -> dict[str, dict]:
     """This boot's verdicts by library hash; anything unreadable, of another boot or version, is no cache."""
     try:
@@ -277,8 +292,10 @@ def choose_cpu_variant(lib_dir: Path, log: Log | None = None, seconds: float = R
         )
     ranked = sorted(((s, lib) for lib, s in scores(libs, checker).items() if s > 0), key=lambda t: -t[0])
     path = cache_path()
+    fallback = boot_cache_path()
     boot = boot_id()
-    cached = _load_cache(path, boot)
+    cached = _load_cache(fallback, boot) if fallback else {}
+    cached.update(_load_cache(path, boot))
     skipped: list[str] = []
     cache_problem: str | None = None
     for _, lib in ranked:
@@ -294,7 +311,11 @@ def choose_cpu_variant(lib_dir: Path, log: Log | None = None, seconds: float = R
             if verdict.ok:
                 say(f"CPU variant {name} verified on this machine in {time.monotonic() - t0:.1f} s ({verdict.how})")
             problem = record({key: verdict}, path)
-            if problem and cache_problem is None:
+            if problem and fallback is not None and record({key: verdict}, fallback) is None:
+                if cache_problem is None:
+                    say(f"cannot keep CPU-variant verdicts in {path} ({problem}): keeping them in {fallback}")
+                cache_problem = problem
+            elif problem and cache_problem is None:
                 cache_problem = problem
                 say(f"cannot keep CPU-variant verdicts in {path} ({problem}): verifying again in every process")
         if verdict.ok:

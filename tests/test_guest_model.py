@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.numa_guest, pytest.mark.model, pytest.mark.nodes4]
 
 
 def test_real_model_runs_with_migrate_and_its_pages_are_on_plan(model_path) -> None:
-    """Llama(numa="migrate") loads, places and decodes; in the TCG guest ggml picks the sse42 variant by itself."""
+    """Llama(numa="migrate") loads, places and decodes; in the TCG guest build/numa_vm.py loads the sse42 variant
+    (NUMA_LLAMA_CPU_VARIANT), which TCG runs fastest."""
     root = Path("/sys/devices/system/node")
     use_mmap = sum(1 for d in root.glob("node[0-9]*") if (d / "cpulist").read_text().strip()) < 4
     proc = run_python(

@@ -150,16 +150,29 @@ def test_a_cache_of_another_boot_or_unreadable_is_verified_again(tmp_path: Path)
         assert json.loads(path.read_text())["boot_id"] == _variants.boot_id()
 
 
-def test_an_unwritable_cache_verifies_per_process_and_says_so_once(tmp_path: Path) -> None:
+def test_an_unwritable_cache_falls_back_to_this_boots_temporary_directory(tmp_path: Path) -> None:
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
-    proc = run_python(
-        "from llama_cpp import llama_cpp; print('ok')",
-        env={"XDG_CACHE_HOME": str(blocked), _variants.ENV: ""},
-    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"XDG_CACHE_HOME": str(blocked), "TMPDIR": str(tmp), _variants.ENV: ""}
+    for run in (1, 2):
+        proc = run_python("from llama_cpp import llama_cpp; print('ok')", env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+        verified = "verified on this machine" in proc.stderr
+        assert verified == (run == 1), proc.stderr  # the second process reads what the first kept
+    kept = json.loads((tmp / f"numa-llama-{os.getuid()}" / "cpu-variants.json").read_text())
+    assert kept["boot_id"] == _variants.boot_id() and kept["verdicts"]
+
+
+def test_no_writable_cache_verifies_per_process_and_says_so_once(tmp_path: Path) -> None:
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    env = {"XDG_CACHE_HOME": str(blocked), "TMPDIR": str(blocked), _variants.ENV: ""}
+    proc = run_python("from llama_cpp import llama_cpp; print('ok')", env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
     said = [ln for ln in proc.stderr.splitlines() if "cannot keep CPU-variant verdicts" in ln]
-    assert len(said) == 1, proc.stderr
+    assert len(said) == 1 and "verifying again in every process" in said[0], proc.stderr
 
 
 @pytest.mark.parametrize(
