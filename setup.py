@@ -56,7 +56,7 @@ AS_IS = os.environ.get("NUMA_LLAMA_BUILD_VENDOR_AS_IS") == "1"
 
 
 def prepare() -> None:
-    """fetch + apply. Cheap when done; needed before setuptools looks for packages.
+    """fetch + apply, at build time only: metadata (``egg_info``, ``pip install --dry-run``) needs neither.
 
     NUMA_LLAMA_BUILD_VENDOR_AS_IS=1 builds the vendor trees as they are (for
     work in progress on the series); build_info() then lists their commits.
@@ -76,6 +76,10 @@ class BuildNative(build_py):
     """build_py that first compiles the patched llama.cpp and ships its libraries."""
 
     def run(self) -> None:
+        missing = native.missing_tools()
+        if missing:
+            log(f"numa-llama: cannot build: {missing}")
+            raise SystemExit(1)
         prepare()
         build_dir = Path(os.environ.get("NUMA_LLAMA_BUILD_DIR", ROOT / "_build" / "cmake"))
         log(f"numa-llama: [1/3] compiling the patched llama.cpp in {build_dir}")
@@ -99,13 +103,25 @@ class BuildNative(build_py):
         super().run()
         log("numa-llama: [3/3] packaging llama_cpp (patched) and numa_llama")
         build_lib = Path(self.build_lib)
-        package.install_libs(result.libs, build_lib / HIDDEN / "llama_cpp" / "lib")
         shutil.rmtree(build_lib / "llama_cpp", ignore_errors=True)  # what builds before this one put there
+        self._copy_bindings(build_lib / HIDDEN)
+        package.install_libs(result.libs, build_lib / HIDDEN / "llama_cpp" / "lib")
         shutil.copy2(ROOT / "numa_llama" / "_finder.py", build_lib / f"{FINDER}.py")
         # One line, exec'd by site.py at every start. Guarded: pip's build isolation processes this directory's
         # .pth files with nothing but it on sys.path (no standard library), where the import cannot succeed.
         guarded = f'import sys; exec("try:\\n import {FINDER}\\nexcept ImportError:\\n pass")\n'
         (build_lib / "numa_llama.pth").write_text(guarded)
+
+    def _copy_bindings(self, dest: Path) -> None:
+        """The patched bindings' Python files (vendor/ exists only once prepare() ran, so not a setup() package)."""
+        src = ROOT / BINDINGS / "llama_cpp"
+        shutil.rmtree(dest, ignore_errors=True)
+        (dest / "llama_cpp").mkdir(parents=True)
+        for sub in ("", "server"):
+            (dest / "llama_cpp" / sub).mkdir(exist_ok=True)
+            for f in sorted((src / sub).iterdir()):
+                if f.is_file() and (f.suffix == ".py" or f.name == "py.typed"):
+                    shutil.copy2(f, dest / "llama_cpp" / sub / f.name)
 
     def _write_build_info(self, result: package.BuildResult) -> None:
         if AS_IS:
@@ -149,14 +165,14 @@ class BinaryDistribution(Distribution):
         return True
 
 
-prepare()
 (ROOT / "_build").mkdir(exist_ok=True)  # setup.cfg: setuptools' scratch lives here
 
 setup(
     distclass=BinaryDistribution,
-    packages=["numa_llama", f"{HIDDEN}.llama_cpp", f"{HIDDEN}.llama_cpp.server"],
-    package_dir={f"{HIDDEN}.llama_cpp": f"{BINDINGS}/llama_cpp"},
-    package_data={"numa_llama": ["_build_info.json", "py.typed"], f"{HIDDEN}.llama_cpp": ["py.typed"]},
+    # The patched bindings are packaged by BuildNative (_copy_bindings), not listed here: they exist only after
+    # prepare(), and metadata must not fetch or patch anything.
+    packages=["numa_llama"],
+    package_data={"numa_llama": ["_build_info.json", "py.typed"]},
     cmdclass={"build_py": BuildNative, "build_ext": BuildExt},
     # the kernel oracle and the series' C API (API mode: compiled against the patched ggml-cpu.h)
     cffi_modules=["numa_llama/_native_build.py:ffibuilder"],

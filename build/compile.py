@@ -67,6 +67,49 @@ class Variant:
     why: str = ""
 
 
+def _compiler(env: str, names: tuple[str, ...]) -> str | None:
+    given = os.environ.get(env)
+    if given:
+        return shutil.which(shlex.split(given)[0])
+    return next((found for n in names if (found := shutil.which(n))), None)
+
+
+def missing_tools() -> str:
+    """One line naming what the build needs and this machine lacks (Debian packages given), or ``""``."""
+    import sysconfig
+
+    missing: list[tuple[str, str]] = []
+    for tool, pkg in (("git", "git"), ("cmake", "cmake")):
+        if shutil.which(tool) is None:
+            missing.append((tool, pkg))
+    if shutil.which("ninja") is None and shutil.which("make") is None:
+        missing.append(("ninja (or make)", "ninja-build"))
+    if _compiler("CC", ("cc", "gcc", "clang")) is None:
+        missing.append(("a C compiler (cc)", "gcc"))
+    if _compiler("CXX", ("c++", "g++", "clang++")) is None:
+        missing.append(("a C++ compiler (c++)", "g++"))
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").exists():
+        missing.append((f"the Python headers ({include}/Python.h)", "python3-dev"))
+    if not missing:
+        return ""
+    pkgs = " ".join(dict.fromkeys(p for _, p in missing))
+    return f"missing {', '.join(t for t, _ in missing)}; on Debian: apt-get install {pkgs}"
+
+
+def ccache_env(root: Path = ROOT) -> None:
+    """Let ccache hit whatever directory this tree was unpacked to (a checkout, a clone, pip's unpacked sdist).
+
+    ccache keys hold absolute paths unless they are under ``CCACHE_BASEDIR``: paths under it are hashed relative
+    to the compiler's working directory, which is the same place inside every copy of this tree. A base directory
+    the caller set is kept when this tree is inside it.
+    """
+    base = os.environ.get("CCACHE_BASEDIR")
+    if not base or not root.resolve().is_relative_to(Path(base).resolve()):
+        os.environ["CCACHE_BASEDIR"] = str(root.resolve())
+    os.environ.setdefault("CCACHE_NOHASHDIR", "1")  # -g records the working directory: not part of the key
+
+
 def x86_variants(llama_cpp: Path) -> list[Variant]:
     """The x86 variants ggml's CMake defines under GGML_CPU_ALL_VARIANTS, in its order."""
     text = (llama_cpp / "ggml" / "src" / "CMakeLists.txt").read_text()

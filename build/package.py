@@ -101,7 +101,8 @@ def build(source: Path, build_root: Path, jobs: int | None = None, log=print) ->
     by_name = {v.name: v for v in all_variants}
     jobs = jobs or int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", 0)) or os.cpu_count() or 1
     if shutil.which("ccache"):
-        log("-- numa-llama: ccache found; ggml's GGML_CCACHE uses it")
+        native.ccache_env()
+        log(f"-- numa-llama: ccache found; ggml's GGML_CCACHE uses it (CCACHE_BASEDIR={os.environ['CCACHE_BASEDIR']})")
     else:
         log("-- numa-llama: ccache not found: every build compiles from scratch (apt-get install ccache)")
     base_libs: list[Path] = []

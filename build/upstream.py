@@ -110,27 +110,40 @@ def download(pin: Pin, dest: Path, log=print, check: bool = True) -> Path:
             verify(sdist, pin)
         return sdist
     log(f"fetching llama-cpp-python=={pin.version} (sdist) with pip ...")
-    # --no-binary for this one package only: its build requirements may come
-    # as wheels, which keeps pip's metadata step to seconds.
-    cmd = [
-        *_pip(),
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "--no-binary",
-        "llama-cpp-python",
-        f"llama-cpp-python=={pin.version}",
-        "-d",
-        str(dest),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not sdist.exists():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    # pip itself fetches it, so its configuration applies (pip.conf, PIP_INDEX_URL, PIP_FIND_LINKS, proxies).
+    # --require-hashes: pip checks the archive against the pin before it unpacks or prepares any of it.
+    # --no-binary for this one package only: its build requirements may come as wheels, which keeps pip's
+    # metadata step to seconds.
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "upstream.txt"
+        pinned = f"llama-cpp-python=={pin.version}"
+        req.write_text(f"{pinned} --hash=sha256:{pin.sha256}\n" if check else f"{pinned}\n")
+        cmd = [
+            *_pip(),
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--no-binary",
+            "llama-cpp-python",
+            *(["--require-hashes"] if check else []),
+            "-r",
+            str(req),
+            "-d",
+            str(dest),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 and "DO NOT MATCH THE HASHES" in proc.stdout + proc.stderr:
         raise FetchError(
-            f"could not fetch llama-cpp-python=={pin.version} from the package index "
-            f"(no network, or the index is unreachable) and it is not cached in {dest}.\n"
-            f"  Put {pin.sdist} there (or set NUMA_LLAMA_CACHE) and run again.\n"
-            f"  pip said: {tail}"
+            f"the package index's {pin.sdist} does not have the sha256 build/pin.toml names ({pin.sha256}): "
+            "pip refused it before unpacking anything (--require-hashes)"
+        )
+    if proc.returncode != 0 or not sdist.exists():
+        said = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        tail = next((ln for ln in reversed(said) if "ERROR" in ln or "rror" in ln), said[-1] if said else "")
+        raise FetchError(
+            f"could not fetch llama-cpp-python=={pin.version} (sdist) from the package index, and {dest} does "
+            f"not hold {pin.sdist}: put it there (or set NUMA_LLAMA_CACHE), or let pip reach an index "
+            f"(PIP_INDEX_URL, pip.conf). pip said: {tail}"
         )
     if check:
         verify(sdist, pin)

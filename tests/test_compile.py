@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import compile as native
@@ -9,6 +10,7 @@ import compile as native
 import numa_llama
 
 ROOT = Path(__file__).resolve().parent.parent
+HOST_PATH = os.environ.get("PATH", os.defpath)
 
 
 def test_variants_come_from_ggml_cmake() -> None:
@@ -73,3 +75,66 @@ print(json.dumps({{"loaded": numa_llama.build_info().cpu_backend_loaded, "text":
         assert out["loaded"] == f"libggml-cpu-{name}.so"
         texts[name] = out["text"]
     assert all(t.strip() for t in texts.values()), texts
+
+
+def _path_with(tmp_path: Path, tools: list[str]) -> str:
+    """A PATH holding only these tools (links to the real ones)."""
+    import shutil
+
+    d = tmp_path / "bin"
+    d.mkdir(parents=True, exist_ok=True)
+    for t in tools:
+        real = shutil.which(t, path=HOST_PATH)
+        assert real, t
+        (d / t).symlink_to(real)
+    return str(d)
+
+
+def test_missing_tools_are_named_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", _path_with(tmp_path, ["git", "cc", "c++", "cmake", "ninja"]))
+    assert native.missing_tools() == ""
+    monkeypatch.setenv("PATH", _path_with(tmp_path / "few", ["git", "cc"]))
+    said = native.missing_tools()
+    assert said == (
+        "missing cmake, ninja (or make), a C++ compiler (c++); on Debian: apt-get install cmake ninja-build g++"
+    )
+    monkeypatch.setenv("CXX", "/nonexistent/g++")  # a compiler named by CXX must exist itself
+    monkeypatch.setenv("PATH", _path_with(tmp_path / "cxx", ["git", "cc", "c++", "cmake", "ninja"]))
+    assert native.missing_tools() == "missing a C++ compiler (c++); on Debian: apt-get install g++"
+
+
+def test_build_without_cmake_stops_with_one_line(tmp_path: Path) -> None:
+    """pip's build of the wheel, on a machine without cmake and ninja: one line, before anything is fetched."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": _path_with(tmp_path, ["git", "cc", "c++"]), "NUMA_LLAMA_CACHE": str(tmp_path / "c")}
+    env.pop("CC", None), env.pop("CXX", None)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", str(tmp_path / "w")]
+    proc = subprocess.run([*cmd, str(ROOT)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    said = (proc.stdout + proc.stderr).splitlines()
+    ours = [ln.strip() for ln in said if ln.strip().startswith("numa-llama:")]
+    assert ours == [
+        "numa-llama: cannot build: missing cmake, ninja (or make); on Debian: apt-get install cmake ninja-build"
+    ], proc.stderr[-2000:]
+    assert not any("Traceback" in ln for ln in said)
+    assert not (tmp_path / "c").exists() and not list((tmp_path / "w").glob("*.whl"))
+
+
+def test_ccache_base_dir_covers_the_tree_wherever_it_is(tmp_path: Path, monkeypatch) -> None:
+    """ccache hashes paths under CCACHE_BASEDIR relative to the build: a copy of the tree elsewhere can hit."""
+    tree = tmp_path / "unpacked" / "numa_llama-0.1.0"
+    tree.mkdir(parents=True)
+    monkeypatch.delenv("CCACHE_BASEDIR", raising=False)
+    monkeypatch.delenv("CCACHE_NOHASHDIR", raising=False)
+    native.ccache_env(tree)
+    assert os.environ["CCACHE_BASEDIR"] == str(tree) and os.environ["CCACHE_NOHASHDIR"] == "1"
+    monkeypatch.setenv("CCACHE_BASEDIR", str(tmp_path / "elsewhere"))  # a clone's, say: not above this tree
+    native.ccache_env(tree)
+    assert os.environ["CCACHE_BASEDIR"] == str(tree)
+    monkeypatch.setenv("CCACHE_BASEDIR", str(tmp_path))  # the caller's, above the tree: kept
+    native.ccache_env(tree)
+    assert os.environ["CCACHE_BASEDIR"] == str(tmp_path)

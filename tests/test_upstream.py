@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,42 @@ def test_offline_fails_with_one_clear_message(tmp_path: Path, monkeypatch: pytes
         upstream.fetch(tmp_path / "vendor", pin)
     assert "could not fetch llama-cpp-python==0.3.36" in str(e.value)
     assert str(tmp_path / "cache") in str(e.value)
+    assert "\n" not in str(e.value), "one line"
+
+
+def test_index_sdist_is_hash_checked_before_any_of_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index that serves another llama_cpp_python-0.3.36.tar.gz: pip refuses it before its build backend runs.
+
+    The impostor's backend writes a marker when imported, as pip's metadata step would import it; fetched without
+    the pin's hash (--require-hashes), the marker appears (tested below with check=False).
+    """
+    pin = Pin.load()
+    src = tmp_path / "src" / "llama_cpp_python-0.3.36"
+    src.mkdir(parents=True)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+    )
+    (src / "backend.py").write_text('import os\nopen(os.environ["IMPOSTOR_MARKER"], "w").write("ran")\n')
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.3.36\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    with tarfile.open(links / pin.sdist, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    marker = tmp_path / "RAN"
+    for k, v in {
+        "NUMA_LLAMA_CACHE": str(tmp_path / "cache"),
+        "PIP_CONFIG_FILE": "/dev/null",
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(links),  # pip's own index options: what it fetches from is the user's to say
+        "IMPOSTOR_MARKER": str(marker),
+    }.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(FetchError) as e:
+        upstream.fetch(tmp_path / "vendor", pin)
+    assert "does not have the sha256" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists(), "pip ran the impostor's build backend before checking its hash"
+    assert not (tmp_path / "vendor").exists() and not list((tmp_path / "cache").glob("*.tar.gz"))
+    # the control: the same index without the pin's hash, and pip does run it (so the marker can tell)
+    with pytest.raises(FetchError):
+        upstream.download(pin, tmp_path / "cache2", check=False)
+    assert marker.exists()
