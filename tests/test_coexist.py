@@ -5,7 +5,7 @@ installed it: every file its RECORD lists present, with its recorded hash. Never
 numa-llama is installed, never a half-deleted one (numa_llama/_finder.py says how).
 
 The stock wheel is built once per machine from the pinned sdist (the one vendor/ comes from, hash-checked when
-it was fetched) and kept by the sdist's hash; every install here is offline (--no-index).
+it was fetched) and kept by the sdist's hash and its CMAKE_ARGS; every install here is offline (--no-index).
 """
 
 from __future__ import annotations
@@ -47,12 +47,18 @@ def stock_wheel() -> Path:
     sdist = cache_dir() / pin.sdist
     if not sdist.exists() or sha256_of(sdist) != pin.sha256:
         pytest.fail(f"{sdist} missing or not the pinned one: run python build/sync.py fetch")
-    house = cache_dir() / "wheels" / pin.sha256[:16]
+    # Its own build option, as a user would pass it: no libmtmd (multimodal), which llama_cpp loads only for a
+    # multimodal chat handler. That is 51 of the 137 compile steps of our own build of the same tree; none of the
+    # coexistence cases needs it: they are about which llama_cpp imports and which files stay.
+    cmake_args = "-DLLAVA_BUILD=OFF"
+    key = hashlib.sha256(f"{pin.sha256} {cmake_args}".encode()).hexdigest()[:16]
+    house = cache_dir() / "wheels" / key
     found = sorted(house.glob("llama_cpp_python-*.whl"))
     if found:
         return found[-1]
     house.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_ARGS", "LLAMA_CPP_LIB_PATH")}
+    env["CMAKE_ARGS"] = cmake_args
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(house), str(sdist)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
