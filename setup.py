@@ -72,15 +72,24 @@ def prepare() -> None:
         raise SystemExit(1) from None
 
 
+def prepare_build() -> None:
+    """The build tools, then fetch + apply: what build_py and build_ext (``setup.py develop`` runs it alone) need."""
+    missing = native.missing_tools()
+    if missing:
+        log(f"numa-llama: cannot build: {missing}")
+        raise SystemExit(1)
+    prepare()
+
+
 class BuildNative(build_py):
     """build_py that first compiles the patched llama.cpp and ships its libraries."""
 
     def run(self) -> None:
-        missing = native.missing_tools()
-        if missing:
-            log(f"numa-llama: cannot build: {missing}")
+        if getattr(self, "editable_mode", False):
+            # an editable wheel leaves out what this command writes into build_lib: the bindings and libraries
+            log("numa-llama: cannot build: editable installs are not supported (pip install . instead)")
             raise SystemExit(1)
-        prepare()
+        prepare_build()
         build_dir = Path(os.environ.get("NUMA_LLAMA_BUILD_DIR", ROOT / "_build" / "cmake"))
         log(f"numa-llama: [1/3] compiling the patched llama.cpp in {build_dir}")
         t0 = time.monotonic()
@@ -150,6 +159,7 @@ class BuildExt(build_ext):
     """
 
     def run(self) -> None:
+        prepare_build()  # a no-op after build_py; needed when build_ext runs alone (its header is in vendor/)
         log("numa-llama: compiling numa_llama._native (cffi, API mode, against the patched ggml-cpu.h)")
         super().run()
         for ext in self.extensions:

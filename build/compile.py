@@ -222,7 +222,8 @@ def _configure(source: Path, build_dir: Path, args: list[str], log) -> None:
     cmake, ninja = shutil.which("cmake"), shutil.which("ninja")
     if cmake is None:
         raise BuildError("cmake not found on PATH (apt-get install cmake, or pip install cmake)")
-    key = {"args": args, "cmake": cmake, "ninja": ninja}
+    # and so is the source: a build directory shared by two trees (NUMA_LLAMA_BUILD_DIR) must not build the other
+    key = {"args": args, "cmake": cmake, "ninja": ninja, "source": str(source.resolve())}
     stamp = build_dir / "numa-llama-args.json"
     cache = build_dir / "CMakeCache.txt"
     if cache.exists():
@@ -231,9 +232,14 @@ def _configure(source: Path, build_dir: Path, args: list[str], log) -> None:
                 return
         except (OSError, ValueError):
             pass
-        generator = re.search(r"^CMAKE_GENERATOR:INTERNAL=(.*)$", cache.read_text(), re.M)
+        text = cache.read_text()
+        generator = re.search(r"^CMAKE_GENERATOR:INTERNAL=(.*)$", text, re.M)
+        home = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$", text, re.M)
         if (generator and generator.group(1) == "Ninja") != bool(ninja):
             log(f"-- numa-llama: {build_dir} was made with another generator: starting it afresh")
+            shutil.rmtree(build_dir)
+        elif home and Path(home.group(1)).resolve() != source.resolve():
+            log(f"-- numa-llama: {build_dir} was made for {home.group(1)}: starting it afresh for {source}")
             shutil.rmtree(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []

@@ -70,23 +70,23 @@ def ldtilecfg_configs(obj: Path) -> list[tuple[str, bytes | None]]:
         target, addend = rel.group(1), int(rel.group(2) or "0", 16) + 4
         section, base = syms.get(target, (target, 0))
         data = _section_bytes(obj, section)
+        assert len(data) >= base + addend + 64, f"ldtilecfg's target {target}{addend:+#x} is not in {obj.name}"
         found.append((f"{target}{addend:+#x} in {section}", data[base + addend : base + addend + 64]))
     return found
 
 
-def test_ldtilecfg_loads_a_config_with_every_tile() -> None:
+def test_ldtilecfg_loads_a_config_with_every_tile(tmp_path: Path) -> None:
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.fail("no C++ compiler on PATH")
     spr = next(v for v in native.x86_variants(ROOT / "vendor" / "llama.cpp") if v.name == "sapphirerapids")
     flags = [f for feat in spr.features for f in native.FEATURE_FLAGS[feat]]
     # an object, not assembly: ccache keeps objects (paths relative to the checkout, so a fresh clone hits too)
-    out = ROOT / "_build" / "test-amx" / "mmq.o"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "mmq.o"  # ccache does not hash the output's name
     ggml = GGML.relative_to(ROOT)
     cmd = [*(["ccache"] if shutil.which("ccache") else []), cxx, "-std=c++17", "-O3", "-DNDEBUG", *flags]
     cmd += [f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-I{ggml / 'src' / 'ggml-cpu'}"]
-    cmd += ["-c", "-o", str(out.relative_to(ROOT)), str(ggml / "src" / "ggml-cpu" / "amx" / "mmq.cpp")]
+    cmd += ["-c", "-o", str(out), str(ggml / "src" / "ggml-cpu" / "amx" / "mmq.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     configs = ldtilecfg_configs(out)

@@ -138,3 +138,32 @@ def test_ccache_base_dir_covers_the_tree_wherever_it_is(tmp_path: Path, monkeypa
     monkeypatch.setenv("CCACHE_BASEDIR", str(tmp_path))  # the caller's, above the tree: kept
     native.ccache_env(tree)
     assert os.environ["CCACHE_BASEDIR"] == str(tmp_path)
+
+
+def test_a_build_dir_made_for_another_tree_starts_afresh(tmp_path: Path) -> None:
+    """NUMA_LLAMA_BUILD_DIR shared by two trees: the second configures its own, never builds the first's."""
+    trees = [tmp_path / "a", tmp_path / "b"]
+    for t in trees:
+        t.mkdir()
+        (t / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(t NONE)\n")
+    build = tmp_path / "build"
+    for t in trees:
+        native._configure(t, build, ["-DX=1"], log=lambda line: None)
+        cache = (build / "CMakeCache.txt").read_text()
+        assert f"CMAKE_HOME_DIRECTORY:INTERNAL={t}" in cache
+
+
+def test_editable_install_is_refused_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "v")  # somewhere to install into, that pip leaves unchanged
+    cmd = [sys.executable, "-m", "pip", "--python", str(tmp_path / "v" / "bin" / "python"), "install"]
+    cmd += ["--disable-pip-version-check", "--no-deps", "-e"]
+    env = {**os.environ, "NUMA_LLAMA_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run([*cmd, str(ROOT)], capture_output=True, text=True, timeout=600, env=env)
+    said = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip().startswith("numa-llama:")]
+    assert proc.returncode != 0
+    assert said == ["numa-llama: cannot build: editable installs are not supported (pip install . instead)"], said
+    assert not list((tmp_path / "v").glob("lib/python*/site-packages/*numa*")), "something was installed"

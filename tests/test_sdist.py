@@ -93,7 +93,9 @@ def test_install_from_sdist_in_a_fresh_venv(sdist: Path, tmp_path: Path, model_p
     # user's first install fetches it with pip, --require-hashes (test_upstream.py)
     assert (cache_dir() / Pin.load().sdist).exists()
     t0 = time.monotonic()
-    proc = _run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-v", str(sdist)], timeout=1800)
+    env = {k: v for k, v in os.environ.items() if k != "NUMA_LLAMA_BUILD_DIR"}  # the sdist's own tree, built
+    cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-v", str(sdist)]
+    proc = _run(cmd, timeout=1800, env=env)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     said = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if "numa-llama:" in ln or "cpu verify" in ln]
