@@ -126,9 +126,11 @@ class BuildNative(build_py):
         src = ROOT / BINDINGS / "llama_cpp"
         shutil.rmtree(dest, ignore_errors=True)
         (dest / "llama_cpp").mkdir(parents=True)
-        for sub in ("", "server"):
-            (dest / "llama_cpp" / sub).mkdir(exist_ok=True)
-            for f in sorted((src / sub).iterdir()):
+        # every package under llama_cpp/ (a directory with __init__.py), as upstream's wheel has them
+        for init in sorted(src.rglob("__init__.py")):
+            sub = init.parent.relative_to(src)
+            (dest / "llama_cpp" / sub).mkdir(parents=True, exist_ok=True)
+            for f in sorted(init.parent.iterdir()):
                 if f.is_file() and (f.suffix == ".py" or f.name == "py.typed"):
                     shutil.copy2(f, dest / "llama_cpp" / sub / f.name)
 

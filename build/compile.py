@@ -67,11 +67,28 @@ class Variant:
     why: str = ""
 
 
+LAUNCHERS = ("ccache", "sccache", "distcc", "icecc")  # words of CC/CXX that run the compiler, not compile
+
+
 def _compiler(env: str, names: tuple[str, ...]) -> str | None:
+    """The compiler that ``$env`` (or the first of ``names`` on PATH) runs, or None if it cannot be found.
+
+    ``CC="ccache gcc"`` names gcc, behind a launcher: both must exist. A value that does not parse as shell words
+    (an unclosed quote) names no compiler.
+    """
     given = os.environ.get(env)
-    if given:
-        return shutil.which(shlex.split(given)[0])
-    return next((found for n in names if (found := shutil.which(n))), None)
+    if not given:
+        return next((found for n in names if (found := shutil.which(n))), None)
+    try:
+        words = shlex.split(given)
+    except ValueError:
+        return None
+    found = None
+    for word in words:
+        found = shutil.which(word)
+        if found is None or Path(word).name not in LAUNCHERS:
+            return found
+    return None  # only a launcher, no compiler after it
 
 
 def missing_tools() -> str:

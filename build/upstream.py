@@ -97,6 +97,36 @@ def _pip() -> list[str]:
     return [found]
 
 
+NETWORK_SIGNS = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "Connection refused",
+    "timed out",
+    "ProxyError",
+    "SSLError",
+)
+
+
+def pip_failure(output: str) -> str:
+    """The line of pip's output that says why it failed.
+
+    pip's last ERROR line after an index it could not reach is "No matching distribution found", which hides
+    the cause: a network failure (in its retry warnings) is named first, then pip's first ERROR line.
+    """
+    said = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for ln in said:
+        sign = next((s for s in NETWORK_SIGNS if s in ln), None)
+        if sign is not None:
+            return f"the package index could not be reached ({sign}): {ln[:300]}"
+    errors = [ln for ln in said if ln.startswith("ERROR:")]
+    if errors:
+        return errors[0][:300]
+    return said[-1][:300] if said else "(pip printed nothing)"
+
+
 def download(pin: Pin, dest: Path, log=print, check: bool = True) -> Path:
     """Return the verified sdist in ``dest``, downloading it with pip if needed.
 
@@ -138,8 +168,7 @@ def download(pin: Pin, dest: Path, log=print, check: bool = True) -> Path:
             "pip refused it before unpacking anything (--require-hashes)"
         )
     if proc.returncode != 0 or not sdist.exists():
-        said = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-        tail = next((ln for ln in reversed(said) if "ERROR" in ln or "rror" in ln), said[-1] if said else "")
+        tail = pip_failure(proc.stdout + proc.stderr)
         raise FetchError(
             f"could not fetch llama-cpp-python=={pin.version} (sdist) from the package index, and {dest} does "
             f"not hold {pin.sdist}: put it there (or set NUMA_LLAMA_CACHE), or let pip reach an index "

@@ -105,6 +105,20 @@ def test_missing_tools_are_named_in_one_line(tmp_path: Path, monkeypatch) -> Non
     assert native.missing_tools() == "missing a C++ compiler (c++); on Debian: apt-get install g++"
 
 
+def test_a_compiler_behind_a_launcher_must_exist_itself(tmp_path: Path, monkeypatch) -> None:
+    """CC="ccache gcc" names gcc: ccache alone on PATH is not a compiler, and bad quoting names none."""
+    monkeypatch.setenv("PATH", _path_with(tmp_path, ["git", "cmake", "ninja", "ccache", "cc", "c++"]))
+    monkeypatch.setenv("CXX", "c++")
+    monkeypatch.setenv("CC", "ccache cc")
+    assert native.missing_tools() == ""
+    monkeypatch.setenv("CC", "ccache gcc-nonexistent")
+    assert native.missing_tools() == "missing a C compiler (cc); on Debian: apt-get install gcc"
+    monkeypatch.setenv("CC", "ccache")
+    assert native.missing_tools() == "missing a C compiler (cc); on Debian: apt-get install gcc"
+    monkeypatch.setenv("CC", "'cc")
+    assert native.missing_tools() == "missing a C compiler (cc); on Debian: apt-get install gcc"
+
+
 def test_build_without_cmake_stops_with_one_line(tmp_path: Path) -> None:
     """pip's build of the wheel, on a machine without cmake and ninja: one line, before anything is fetched."""
     import subprocess

@@ -41,7 +41,7 @@ def test_offline_fails_with_one_clear_message(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("NUMA_LLAMA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
-    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_RETRIES", "1")  # with none, pip does not say why the index failed
     monkeypatch.setenv("PIP_TIMEOUT", "3")
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
@@ -50,7 +50,28 @@ def test_offline_fails_with_one_clear_message(tmp_path: Path, monkeypatch: pytes
         upstream.fetch(tmp_path / "vendor", pin)
     assert "could not fetch llama-cpp-python==0.3.36" in str(e.value)
     assert str(tmp_path / "cache") in str(e.value)
+    # the cause, not pip's last line ("No matching distribution found")
+    assert "the package index could not be reached" in str(e.value), str(e.value)
     assert "\n" not in str(e.value), "one line"
+
+
+def test_pip_failure_names_the_cause_not_the_last_line() -> None:
+    offline = (
+        "WARNING: Retrying (Retry(total=0)) after connection broken by 'NewConnectionError(\"...: Failed to "
+        "establish a new connection: [Errno 111] Connection refused\")': /simple/llama-cpp-python/\n"
+        "ERROR: Could not find a version that satisfies the requirement llama-cpp-python==0.3.36\n"
+        "ERROR: No matching distribution found for llama-cpp-python==0.3.36\n"
+    )
+    assert upstream.pip_failure(offline).startswith("the package index could not be reached (NewConnectionError)")
+    gone = (
+        "Looking in indexes: x\nERROR: Could not find a version that satisfies llama-cpp-python==0.3.36\n"
+        "ERROR: No matching distribution found"
+    )
+    assert upstream.pip_failure(gone) == "ERROR: Could not find a version that satisfies llama-cpp-python==0.3.36"
+    assert upstream.pip_failure("Collecting x\nerror: subprocess-exited-with-error") == (
+        "error: subprocess-exited-with-error"
+    )
+    assert upstream.pip_failure("") == "(pip printed nothing)"
 
 
 def test_index_sdist_is_hash_checked_before_any_of_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
