@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from bench_build import PATCHED_TREE  # noqa: E402
 from series import BASE_TAG, SeriesError  # noqa: E402
 from series import git as run_git  # noqa: E402
-from series_style import CLANG_FORMAT_EXTENSIONS, added_files, clang_format_exe  # noqa: E402
+from series_style import CLANG_FORMAT_EXTENSIONS, added_files, clang_format_exe, git_clang_format_env  # noqa: E402
 
 
 def git(tree: Path, *args: str, env_extra: dict[str, str] | None = None, stdin: str | None = None) -> str:
@@ -87,8 +87,9 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
                 "--",
                 *files,
                 check=False,
+                env_extra=git_clang_format_env(exe),
             )
-            if proc.returncode not in (0, 1):  # 1: it changed files
+            if proc.returncode not in (0, 1) or "not a git command" in proc.stderr:  # 1: it changed files
                 raise SystemExit(f"git clang-format on {subject}: {proc.stderr.strip() or proc.stdout.strip()}")
             git(scratch, "add", "-u")
             new_tree = git(scratch, "write-tree")

@@ -26,6 +26,7 @@ On the patched tree:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -171,6 +172,21 @@ def clang_format_exe() -> str:
     )
 
 
+def git_clang_format_env(exe: str) -> dict[str, str]:
+    """PATH for ``git clang-format`` with ``exe``: the git-clang-format script beside it (the wheel ships both) first.
+
+    git runs ``git-clang-format`` from PATH; without one, ``git clang-format`` prints "not a git command" and exits
+    1, which is also its exit status for "would change something", so a missing script must be refused here, or
+    the gate would pass on finding nothing.
+    """
+    path = f"{Path(exe).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    if shutil.which("git-clang-format", path=path) is None:
+        raise StyleToolError(
+            f"git-clang-format not found beside {exe} nor on PATH: pip install clang-format=={CLANG_FORMAT_VERSION}"
+        )
+    return {"PATH": path}
+
+
 def added_files(tree: Path, commit: str) -> list[str]:
     """Source files that exist at ``commit`` and not in upstream: the series' own files."""
     out = git(tree, "diff", "--name-only", "--diff-filter=A", BASE_TAG, commit).stdout.split()
@@ -192,8 +208,9 @@ def clang_format_diff(tree: Path, exe: str, old: str, new: str, files: list[str]
         new,
         *(["--", *files] if files else []),
         check=False,
+        env_extra=git_clang_format_env(exe),
     )
-    if "error:" in proc.stderr or proc.returncode not in (0, 1):
+    if "error:" in proc.stderr or "not a git command" in proc.stderr or proc.returncode not in (0, 1):
         raise StyleToolError(f"git clang-format {old} {new}: {proc.stderr.strip()[:500]}")
     diff = proc.stdout
     return "" if diff.startswith(("no modified files", "clang-format did not modify")) else diff.strip()

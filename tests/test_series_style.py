@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,16 @@ def test_the_gate_refuses_another_clang_format_release(monkeypatch: pytest.Monke
     monkeypatch.setattr(series_style, "CLANG_FORMAT_VERSION", "1.2.3")
     with pytest.raises(series_style.StyleToolError, match="clang-format 1.2.3 not found"):
         series_style.clang_format_exe()
+
+
+def test_a_missing_git_clang_format_is_refused_not_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without git-clang-format, `git clang-format` exits 1 ("not a git command"), its status for "would change":
+    the gate must say so, not report a clean series (it did, when run outside an activated venv)."""
+    exe = tmp_path / "clang-format"
+    exe.symlink_to(series_style.clang_format_exe())
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    if shutil.which("git-clang-format", path="/usr/bin:/bin"):
+        pytest.skip("a system git-clang-format is installed: nothing is missing here")
+    with pytest.raises(series_style.StyleToolError, match="git-clang-format not found"):
+        series_style.git_clang_format_env(str(exe))
+    assert "PATH" in series_style.git_clang_format_env(series_style.clang_format_exe())  # beside the wheel's binary
