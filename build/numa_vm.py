@@ -64,6 +64,7 @@ HOST_PACKAGES = {
     "busybox": "busybox-static",
     "cpio": "cpio",
     "numactl": "numactl",
+    "strace": "strace",  # the guest tests count the system calls of a decode
 }
 KERNEL_META = "linux-image-amd64"
 EXIT_TIMEOUT, EXIT_GUEST_FAILED = 124, 125

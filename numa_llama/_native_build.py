@@ -43,7 +43,6 @@ struct ggml_backend_cpu_numa_placement {
     size_t       matrix_bytes;
     int64_t      n_rows;
     int64_t      n_matrices;
-    int          n_threads;
     size_t       page_bytes;
     struct ggml_backend_cpu_numa_split split;
 };
@@ -80,8 +79,7 @@ long nl_page_size(void);
 int  nl_bind(const char * library, char * err, size_t err_len);
 int  nl_has_hook(const char * name);
 int  nl_numa_layout(int n_threads, int * thread_node);
-int  nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, int n_threads,
-                      struct ggml_backend_cpu_numa_split * split);
+int  nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, struct ggml_backend_cpu_numa_split * split);
 int  nl_numa_plan(int n_threads, int n_nodes, const int * node_id, const double * weight, int64_t n_rows,
                   size_t row_bytes, size_t data, size_t page_bytes, int * threads,
                   struct ggml_backend_cpu_numa_split * split);
@@ -238,8 +236,7 @@ int nl_numa_layout(int n_threads, int * thread_node) {
     return p_layout ? p_layout(n_threads, thread_node) : -ENOSYS;
 }
 
-int nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, int n_threads,
-                     struct ggml_backend_cpu_numa_split * split) {
+int nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, struct ggml_backend_cpu_numa_split * split) {
     if (!p_split) {
         return -ENOSYS;
     }
@@ -253,7 +250,7 @@ int nl_numa_split_of(int type, int64_t ne0, int64_t ne1, uintptr_t data, int n_t
     t.nb[1] = p_ggml_row_size(t.type, ne0);
     t.nb[2] = t.nb[3] = t.nb[1] * ne1;
     t.data  = (void *) data;
-    p_split(&t, n_threads, split);
+    p_split(&t, split);
     return 0;
 }
 

@@ -341,7 +341,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
         return 0
-    nodes = [n for n, t in zip(lay.node_ids, lay.threads, strict=True) if t]
+    nodes = [n for n, w in zip(lay.node_ids, lay.weights, strict=True) if w > 0]  # slabs by weight
     where = "this machine" if args.nodes is None else f"{args.nodes} equal node(s)"
     print(
         f"{model.name}: {len(plan.tensors)} matmul weights, {plan.nbytes / 2**20:.1f} MiB, on {where} with "
@@ -356,7 +356,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'total':<24}" + "".join(f"{total.get(n, 0) / 2**20:>10.2f}Mi" for n in nodes))
     print(
         f"expected decode locality once placed: {plan.locality:.4%} (the rest: the minority bytes of pages that "
-        f"straddle two nodes' slabs, {plan.page_bytes} B pages)"
+        f"straddle two nodes' slabs, {plan.page_bytes} B pages, and the slabs of nodes this thread count leaves "
+        "without threads)"
     )
     if args.png:
         print(f"picture: {args.png} (one bar per layer, in node colours: 0 blue, 1 orange, 2 green, 3 red, ...)")

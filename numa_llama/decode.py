@@ -227,6 +227,22 @@ def node_ranks(thread_node: Sequence[int]) -> list[tuple[int, int]]:
     return [(thread_node[:i].count(node), thread_node.count(node)) for i, node in enumerate(thread_node)]
 
 
+def node_rows(slabs: Sequence[hooks.Slab], with_threads: set[int]) -> dict[int, tuple[int, int]]:
+    """The rows each node with threads multiplies, as the series' kernels take them.
+
+    The slabs do not depend on the thread count (a weight is placed once). With fewer threads than nodes, a node
+    without threads leaves its slab to the nearest node before it that has threads, or, for the slabs before the
+    first such node, to that first node.
+    """
+    owners = [i for i, s in enumerate(slabs) if s.node in with_threads]
+    rows: dict[int, tuple[int, int]] = {}
+    for j, i in enumerate(owners):
+        begin = 0 if j == 0 else slabs[i].row_begin
+        end = slabs[owners[j + 1]].row_begin if j + 1 < len(owners) else slabs[-1].row_end
+        rows[slabs[i].node] = (begin, end)
+    return rows
+
+
 def thread_rows(
     strategy: str,
     n_rows: int,
@@ -242,9 +258,9 @@ def thread_rows(
     if strategy == "migrate":
         if not slabs:
             raise ValueError("migrate: no split plan for this weight (was it placed?)")
-        by_node = {s.node: s for s in slabs}
+        by_node = node_rows(slabs, set(thread_node))
         return [
-            _share(by_node[node].row_begin, by_node[node].row_end, rank, n)
+            _share(*by_node[node], rank, n)
             for node, (rank, n) in zip(thread_node, ranks or node_ranks(thread_node), strict=True)
         ]
     raise ValueError(f"decode locality is modelled for {STRATEGIES}, not {strategy!r}")

@@ -53,7 +53,6 @@ class Placement:
     matrix_bytes: int
     n_rows: int
     n_matrices: int
-    n_threads: int
     page_bytes: int
     slabs: tuple[Slab, ...]
 
@@ -105,11 +104,11 @@ def layout(n_threads: int) -> list[int]:
     return list(out)
 
 
-def split_of(type_id: int, ne0: int, ne1: int, data: int, n_threads: int) -> tuple[Slab, ...]:
-    """The plan this process would place a weight by (``ggml_backend_cpu_numa_split``, this machine's layout)."""
+def split_of(type_id: int, ne0: int, ne1: int, data: int) -> tuple[Slab, ...]:
+    """The plan this process places a weight by (``ggml_backend_cpu_numa_split``: this machine's nodes and weights)."""
     bind()
     s = ffi.new("struct ggml_backend_cpu_numa_split *")
-    _call(lib.nl_numa_split_of(type_id, ne0, ne1, data, n_threads, s), "ggml_backend_cpu_numa_split")
+    _call(lib.nl_numa_split_of(type_id, ne0, ne1, data, s), "ggml_backend_cpu_numa_split")
     return _split(s)
 
 
@@ -125,8 +124,9 @@ def plan(
     """The series' split plan for a topology given explicitly (``ggml_backend_cpu_numa_plan``: the library's code).
 
     ``n_threads`` are shared among the nodes by ``weights`` (largest remainder),
-    then the ``n_rows`` rows of ``row_bytes`` at address ``data``, moving in
-    pages of ``page_bytes``, are split among the nodes that got threads.
+    and the ``n_rows`` rows of ``row_bytes`` at address ``data``, moving in
+    pages of ``page_bytes``, are split among the nodes by the same weights: the
+    slabs do not depend on ``n_threads``, so a weight is placed once.
     """
     if len(node_ids) != len(weights):
         raise ValueError(f"{len(node_ids)} node ids but {len(weights)} weights")
@@ -189,7 +189,6 @@ def placements() -> list[Placement]:
                 p.matrix_bytes,
                 p.n_rows,
                 p.n_matrices,
-                p.n_threads,
                 p.page_bytes,
                 _split(p.split),
             )

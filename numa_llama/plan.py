@@ -100,7 +100,7 @@ class ModelPlan:
     tensors: list[TensorPlan] = field(default_factory=list)
 
     def node_bytes(self) -> dict[int, int]:
-        out = {n: 0 for n, t in zip(self.layout.node_ids, self.layout.threads, strict=True) if t}
+        out = {n: 0 for n, w in zip(self.layout.node_ids, self.layout.weights, strict=True) if w > 0}
         for t in self.tensors:
             for n, b in t.node_bytes.items():
                 out[n] = out.get(n, 0) + b
@@ -176,6 +176,8 @@ def plan_model(path: str | os.PathLike[str], lay: Layout, page_bytes: int = 4096
         remote = sum(
             _remote_bytes(offset + e * rows * row_bytes, split.slabs, row_bytes, page_bytes) for e in range(n_mat)
         )
+        # a node this thread count leaves without threads keeps its slab; a neighbour's threads read it remotely
+        remote += sum(node_bytes.get(n, 0) for n, t in zip(lay.node_ids, split.threads, strict=True) if t == 0)
         m = re.match(r"(blk\.\d+)\.", name)
         plan.tensors.append(
             TensorPlan(

@@ -71,7 +71,8 @@ def assert_on_plan(w: hooks.Weight, n_threads: int) -> None:
     """The kernel reports every page of node k's slab on node k; the series' record matches the weight."""
     p = record_of(w)
     assert p is not None, f"{w.name} ({w.shape}) was multiplied with {n_threads} threads but never placed"
-    assert (p.name, p.n_threads, p.nbytes) == (w.name, n_threads, w.nbytes), (p, w.name, n_threads)
+    assert (p.name, p.nbytes) == (w.name, w.nbytes), (p, w.name, n_threads)
+    assert p.slabs == hooks.split_of(w.type_id, w.shape[0], w.shape[1], w.data), (p, "not this process's plan")
     off = []
     for node, pages in p.slab_pages():
         for addr, got in zip(pages, kernel.page_nodes(pages), strict=True):
@@ -127,8 +128,9 @@ class PlacementMachine(RuleBasedStateMachine):
     """Allocate, place, free, re-place and change the thread count; a plain dict is the model.
 
     Why it must hold: llama.cpp frees and reloads models in one process (memory reused at the same
-    addresses), and the thread count can change between graphs; each weight must end up placed for the
-    layout it was last multiplied with, whatever came before at its address.
+    addresses), and the thread count changes between graphs (n_threads for decode, n_threads_batch for
+    prompts); each weight must be on its plan whatever came before at its address, and a weight placed once
+    is not placed again when another thread count multiplies it (no page asked or moved again).
     """
 
     weights = Bundle("weights")
@@ -149,8 +151,13 @@ class PlacementMachine(RuleBasedStateMachine):
     @rule(key=weights, n_threads=thread_counts())
     def place(self, key, n_threads):
         if key in self.live:
-            w, _ = self.live[key]
+            w, before = self.live[key]
+            pages = hooks.stats()["pages"]
             multiply(w, n_threads)
+            if before is not None:
+                assert hooks.stats()["pages"] == pages, (
+                    f"{w.name}: placed again when multiplied with {n_threads} threads after {before}"
+                )
             self.live[key] = (w, n_threads)
 
     @rule(key=consumes(weights))

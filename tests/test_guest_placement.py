@@ -184,3 +184,116 @@ def test_decode_locality_migrate_beside_stock_distribute(synthetic_model: Path, 
     assert min(migrate["per_thread"]) == 1.0 and st["pages_boundary"] == 0, migrate
     assert st["pages_failed"] == 0 and 0 <= st["pages_moved"] <= st["pages"]  # moved / weight pages <= 1.0
     assert len(stock["per_thread"]) == threads and all(0.0 <= f <= 1.0 for f in stock["per_thread"])
+
+
+ROUNDS = """
+import json
+from llama_cpp import Llama
+from numa_llama import hooks
+from numa_llama.decode import decode_locality
+# llama.cpp multiplies with n_threads for decode and n_threads_batch for prompts; llama-cpp-python's defaults differ
+llm = Llama({model!r}, numa="migrate", n_threads=3, n_threads_batch=4, n_ctx=128, verbose=False)
+rounds = []
+for prompt in ["Paris is the capital of", "The river runs to the", "One two three four", "Memory is read by"]:
+    llm.reset()  # the whole prompt again, as a batch: n_threads_batch
+    text = llm.create_completion(prompt, max_tokens=3, temperature=0.0)["choices"][0]["text"]
+    st = hooks.stats()
+    rounds.append({{"text": text, "pages": st["pages"], "moved": st["pages_moved"], "tensors": st["tensors"],
+                   "failed": st["pages_failed"],
+                   "decode": decode_locality({model!r}, "migrate", 3).per_thread,
+                   "batch": decode_locality({model!r}, "migrate", 4).per_thread}})
+print(json.dumps({{"rounds": rounds, "layout3": hooks.layout(3), "layout4": hooks.layout(4)}}))
+"""
+
+
+def test_other_thread_counts_find_the_weights_placed(synthetic_model: Path) -> None:
+    """n_threads=3 beside n_threads_batch=4: placed in round 1, never again; every thread local after each round.
+
+    Measured before the fix (a 2-node guest, 2 CPUs per node, gemma-3-270m): every round placed the whole model
+    twice and moved about 20400 pages, 1.68 x the weight pages after 4 rounds, growing without end.
+    """
+    out = run_json(ROUNDS.format(model=str(synthetic_model)), timeout=900)
+    rounds = out["rounds"]
+    for i, r in enumerate(rounds):
+        print(
+            f"round {i + 1}: {r['tensors']} weights placed, {r['pages']} pages asked, {r['moved']} moved; "
+            f"decode locality per thread {r['decode']}, prompt {r['batch']}"
+        )
+    assert len(set(out["layout3"])) == len(set(out["layout4"])) == len(nodes_with_cpus())  # both split
+    first = rounds[0]
+    assert first["tensors"] == synthetic.matmul_weights() and first["failed"] == 0
+    for r in rounds[1:]:
+        assert (r["tensors"], r["pages"], r["moved"]) == (first["tensors"], first["pages"], first["moved"]), rounds
+    for r in rounds:
+        assert r["text"].strip() and min(r["decode"]) >= 0.995 and min(r["batch"]) >= 0.995, r
+
+
+DECODER = """
+import sys
+from llama_cpp import Llama
+llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=128, verbose=False)
+llm.eval(llm.tokenize(b"Paris is"))
+for _ in range(8):  # warm-up: the first graphs place the weights and size the buffers
+    llm.eval([llm.sample(temp=0.0)])
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(32):
+    llm.eval([llm.sample(temp=0.0)])
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _traced(status: Path) -> bool:
+    try:
+        return any(ln.startswith("TracerPid:") and ln.split()[1] != "0" for ln in status.read_text().splitlines())
+    except OSError:
+        return True  # a thread that has gone
+
+
+def test_decoding_maps_and_binds_nothing_per_token(synthetic_model: Path, tmp_path: Path) -> None:
+    """strace -f over 32 decoded tokens, after 8 warm-up tokens: no mmap, munmap or mbind.
+
+    llama-cpp-python attaches no threadpool, so ggml makes one for every graph; the node-aware barrier's pages
+    and the per-node src1 buffers used to be mapped, bound and unmapped with it: 3 mmap, 3 munmap and 4 mbind
+    per token in a 2-node guest. move_pages (the per-graph check that placed weights are still placed) is
+    counted too, as the control that strace saw the decode.
+    """
+    import signal
+    import time
+
+    threads = 2 * len(nodes_with_cpus())
+    worker = subprocess.Popen(
+        [sys.executable, "-c", DECODER.format(model=str(synthetic_model), threads=threads)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    out = tmp_path / "strace.txt"
+    tracer = None
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        trace = ["strace", "-f", "-qq", "-o", str(out), "-e", "trace=mmap,munmap,mbind,move_pages", "-p"]
+        tracer = subprocess.Popen([*trace, str(worker.pid)], stderr=subprocess.PIPE, text=True)
+        for _ in range(600):  # until every thread of the worker is traced
+            tasks = Path(f"/proc/{worker.pid}/task").iterdir()
+            if tracer.poll() is not None or all(_traced(t / "status") for t in tasks):
+                break
+            time.sleep(0.1)
+        assert tracer.poll() is None, tracer.communicate()[1]
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        assert worker.stdout.readline().strip() == "done"
+    finally:
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(60)
+        worker.communicate("\n", timeout=120)
+    calls: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        name = line.split(None, 1)[1].split("(", 1)[0] if " " in line else ""
+        calls[name] = calls.get(name, 0) + 1
+    print(f"system calls over 32 decoded tokens, {threads} threads: {calls}")
+    assert calls.get("move_pages", 0) >= 32, ("strace saw no decode", calls)
+    assert calls.get("mmap", 0) == calls.get("munmap", 0) == calls.get("mbind", 0) == 0, calls

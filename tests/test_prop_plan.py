@@ -9,6 +9,7 @@ extended Euclid, and they know nothing of its rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -69,14 +70,19 @@ def first_aligned_row(row_bytes: int, data: int, page: int) -> int | None:
     return ROW_GROUP * q
 
 
-def expected_threads(n_threads: int, weights: tuple[float, ...]) -> list[float]:
-    """Each node's share by weight; past the first MAX_SLABS nodes with a weight, nodes get no threads."""
+def effective_weights(weights: tuple[float, ...]) -> list[float]:
+    """The weights the library uses: past the first MAX_SLABS nodes with a weight, nodes get none."""
     eff, seen = [], 0
     for w in weights:
         seen += w > 0
         eff.append(w if seen <= hooks.MAX_SLABS else 0.0)
-    total = sum(eff)
-    return [n_threads * w / total for w in eff]
+    return eff
+
+
+def expected_threads(n_threads: int, weights: tuple[float, ...]) -> list[float]:
+    """Each node's share of the threads, by weight."""
+    eff = effective_weights(weights)
+    return [n_threads * w / sum(eff) for w in eff]
 
 
 def check_plan(c: Case, split: hooks.Split) -> None:
@@ -86,9 +92,11 @@ def check_plan(c: Case, split: hooks.Split) -> None:
     assert sum(split.threads) == c.n_threads, ("threads not all given out", split.threads)
     for got, want in zip(split.threads, expected_threads(c.n_threads, c.weights), strict=True):
         assert abs(got - want) < 1, ("thread share not proportional to the node weights", split.threads)
-    # every row owned exactly once: slabs tile [0, n_rows) in order, one per node that has threads
-    with_threads = [n for n, t in zip(c.node_ids, split.threads, strict=True) if t > 0]
-    assert [s.node for s in slabs] == with_threads, ("slab nodes", slabs)
+    # every row owned exactly once: slabs tile [0, n_rows) in order, one per node with a weight, whatever the
+    # thread count (a node left without threads by a small count still owns its slab: placed once, for any count)
+    eff = effective_weights(c.weights)
+    weighted = [n for n, w in zip(c.node_ids, eff, strict=True) if w > 0]
+    assert [s.node for s in slabs] == weighted, ("slab nodes", slabs)
     assert len(slabs) <= hooks.MAX_SLABS, ("more slabs than the struct holds", len(slabs))
     assert slabs[0].row_begin == 0 and slabs[-1].row_end == c.n_rows, ("rows not covered", slabs)
     for a, b in zip(slabs, slabs[1:], strict=False):
@@ -101,18 +109,18 @@ def check_plan(c: Case, split: hooks.Split) -> None:
     first = first_aligned_row(rb, c.data, c.page)
     aligned = first is not None and c.n_rows >= first + 2 * unit * len(slabs)
     step = unit if aligned else ROW_GROUP
-    threads = [t for t in split.threads if t > 0][: len(slabs)]
-    cum = 0
+    shares = [w for w in eff if w > 0]
+    cum = 0.0
     for k, s in enumerate(slabs[:-1]):
         b = s.row_end
         if 0 < b < c.n_rows:
             assert b % ROW_GROUP == 0, ("boundary splits a row group", k, b)
             if aligned:
                 assert (c.data + b * rb) % c.page == 0, ("boundary not page aligned", k, b)
-        # shares: each boundary within half a grid step of the node's proportional point
-        cum += threads[k]
-        target = c.n_rows * cum / sum(threads)
-        assert abs(b - target) <= step / 2 + 1, ("share not proportional to threads", k, b, target, step)
+        # shares: each boundary within half a grid step of the node's point proportional to the weights
+        cum += shares[k]
+        target = c.n_rows * cum / sum(shares)
+        assert abs(b - target) <= step / 2 + 1, ("share not proportional to the weights", k, b, target, step)
 
 
 def plan(c: Case) -> hooks.Split:
@@ -124,11 +132,13 @@ def plan(c: Case) -> hooks.Split:
 @example(Case(3, (0, 2, 5), (1.0, 1.0, 1.0), 0, 64, 1000, 0x7F0000000000, 4096))  # holes in the node numbers
 @example(Case(80, tuple(range(70)), (1.0,) * 70, 0, 64, 8192, 0x7F0000000000, 4096))  # more nodes than slabs
 def test_split_plan_contract(c: Case) -> None:
-    """Every row has exactly one owner, boundaries respect pages and row groups, shares follow the threads.
+    """Every row has exactly one owner, boundaries respect pages and row groups, shares follow the weights.
 
     Why it must hold: a row owned twice is multiplied twice (wrong results), a row owned never is not
     multiplied; a boundary inside a row group breaks the repacked kernels, one inside a page leaves that
-    page on one node while the other reads it; shares unlike the threads leave one node's threads idle.
+    page on one node while the other reads it; shares unlike the weights leave one node's threads idle; and
+    shares that followed the thread count would move pages each time llama.cpp switches between n_threads and
+    n_threads_batch.
     """
     check_plan(c, plan(c))
 
@@ -162,3 +172,16 @@ def test_the_contract_rejects_a_naive_equal_split() -> None:
 def test_split_plan_is_a_function_of_its_inputs(c: Case) -> None:
     """The same inputs give the same plan: placement and every product must agree on who owns a row."""
     assert plan(c) == plan(c)
+
+
+@given(cases(max_nodes=4), st.integers(1, 96))
+@example(Case(3, (0, 1), (2.0, 2.0), 12, 640, 262144, 0x7F0000001000, 4096), 4)  # n_threads 3, n_threads_batch 4
+@example(Case(1, (0, 1, 2, 3), (1.0,) * 4, 0, 64, 128, 0x7F0000000000, 4096), 4)  # fewer threads than nodes
+def test_the_slabs_do_not_depend_on_the_thread_count(c: Case, other_threads: int) -> None:
+    """Two thread counts give the same slabs: a weight is placed once.
+
+    Why it must hold: llama.cpp multiplies with n_threads for decode and n_threads_batch for prompts, and
+    llama-cpp-python's defaults differ (cpu_count//2 and cpu_count). A plan that followed the thread count
+    would re-place every weight at every switch, for as long as the server runs.
+    """
+    assert plan(dataclasses.replace(c, n_threads=other_threads)).slabs == plan(c).slabs
