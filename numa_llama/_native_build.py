@@ -60,6 +60,9 @@ struct ggml_backend_cpu_numa_stats {
     int64_t failed_cpuset;
     int64_t failed_other;
     int64_t virtual_nodes;
+    int64_t not_placed;
+    int64_t place_ns;
+    int64_t tensors_not_local;
 };
 
 struct ggml_backend_cpu_numa_barrier_stats {
@@ -94,8 +97,9 @@ const char * nl_type_name(int type);
 
 /* the weight harness */
 struct nl_weight;
-struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2, char * err,
-                                 size_t err_len);
+struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2,
+                                 const char * buffer_type, char * err, size_t err_len);
+int nl_numa_not_local(size_t i, const char ** name, const char ** buffer_type);
 int      nl_weight_set(struct nl_weight * w, const void * bytes, size_t n);
 int      nl_weight_mul(struct nl_weight * w, int n_threads, int n_cols, const float * x, float * out, char * err,
                        size_t err_len);
@@ -126,6 +130,7 @@ SOURCE = r"""
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-backend-impl.h" /* struct ggml_backend_buffer_type: nl_buffer_type's stand-in extra buffer */
 
 static long nl_ret(long rv) { return rv < 0 ? -errno : rv; }
 
@@ -185,6 +190,7 @@ static ggml_backend_cpu_numa_split_t         p_split;
 static ggml_backend_cpu_numa_plan_t          p_plan;
 static ggml_backend_cpu_numa_placement_t     p_placement;
 static ggml_backend_cpu_numa_stats_t         p_stats;
+static ggml_backend_cpu_numa_not_local_t     p_not_local;
 static ggml_backend_cpu_numa_barrier_stats_t p_barrier_stats;
 
 static void nl_err(char * err, size_t len, const char * fmt, ...) {
@@ -223,6 +229,7 @@ int nl_bind(const char * library, char * err, size_t err_len) {
     NL_HOOK(p_plan, "ggml_backend_cpu_numa_plan")
     NL_HOOK(p_placement, "ggml_backend_cpu_numa_placement")
     NL_HOOK(p_stats, "ggml_backend_cpu_numa_stats")
+    NL_HOOK(p_not_local, "ggml_backend_cpu_numa_not_local")
     NL_HOOK(p_barrier_stats, "ggml_backend_cpu_numa_barrier_stats")
     return 0;
 }
@@ -276,6 +283,10 @@ int nl_numa_stats(struct ggml_backend_cpu_numa_stats * stats) {
     return 0;
 }
 
+int nl_numa_not_local(size_t i, const char ** name, const char ** buffer_type) {
+    return p_not_local ? (p_not_local(i, name, buffer_type) ? 1 : 0) : -ENOSYS;
+}
+
 int nl_numa_barrier_stats(int n, struct ggml_backend_cpu_numa_barrier_stats * stats, bool reset) {
     return p_barrier_stats ? p_barrier_stats(n, stats, reset) : -ENOSYS;
 }
@@ -311,8 +322,29 @@ void nl_weight_free(struct nl_weight * w) {
     free(w);
 }
 
-struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2, char * err,
-                                 size_t err_len) {
+/* a host buffer type named by the caller, with the CPU buffer type's functions: a stand-in for an extra buffer
+   (AMX, KleidiAI) whose kernels do not follow the split plan, on machines that have none */
+static struct ggml_backend_buffer_type nl_named_buft;
+static char                           nl_named_buft_name[64];
+
+static const char * nl_named_buft_get_name(ggml_backend_buffer_type_t buft) {
+    (void) buft;
+    return nl_named_buft_name;
+}
+
+static ggml_backend_buffer_type_t nl_buffer_type(const char * name) {
+    ggml_backend_buffer_type_t cpu = p_ggml_backend_dev_buffer_type(g_cpu_dev);
+    if (name == NULL) {
+        return cpu;
+    }
+    nl_named_buft                = *cpu;
+    nl_named_buft.iface.get_name = nl_named_buft_get_name;
+    snprintf(nl_named_buft_name, sizeof(nl_named_buft_name), "%s", name);
+    return &nl_named_buft;
+}
+
+struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2,
+                                 const char * buffer_type, char * err, size_t err_len) {
     if (g_cpu_dev == NULL) {
         nl_err(err, err_len, "nl_bind has not been called");
         return NULL;
@@ -323,7 +355,7 @@ struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64
     w->w   = p_ggml_new_tensor_3d(w->ctx, (enum ggml_type) type, ne0, ne1, ne2);
     p_ggml_set_name(w->w, name);
     /* the CPU buffer type, marked WEIGHTS: what llama.cpp does with a model's tensors */
-    w->buf = p_ggml_backend_alloc_ctx_tensors_from_buft(w->ctx, p_ggml_backend_dev_buffer_type(g_cpu_dev));
+    w->buf = p_ggml_backend_alloc_ctx_tensors_from_buft(w->ctx, nl_buffer_type(buffer_type));
     if (w->buf == NULL) {
         nl_err(err, err_len, "cannot allocate %zu bytes for %s", p_ggml_nbytes(w->w), name);
         nl_weight_free(w);
@@ -394,7 +426,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "numa_llama._native",
     SOURCE,
-    include_dirs=[str(GGML_INCLUDE)],
+    include_dirs=[str(GGML_INCLUDE), str(GGML_INCLUDE.parent / "src")],
     libraries=["dl"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )

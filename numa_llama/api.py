@@ -197,6 +197,14 @@ class Stats:
     barrier_wait_ns: tuple[int, ...]  # per compute thread
     barrier_waits: tuple[int, ...]
     virtual_nodes: int = 0  # GGML_CPU_NUMA_VIRTUAL: node-local kernels ran over made-up nodes; nothing was placed
+    not_placed: str = ""  # why migrate placed nothing ("": it places), in words (hooks.NOT_PLACED)
+    place_seconds: float = 0.0  # wall time spent moving pages, all nodes at once
+    not_node_local: tuple[tuple[str, str], ...] = ()  # (weight, buffer type) no node-local kernel multiplies (AMX)
+
+    @property
+    def pages_per_second(self) -> float | None:
+        """Weight pages placed (asked, and moved where needed) per second of placement; None before any."""
+        return self.pages / self.place_seconds if self.place_seconds > 0 else None
 
 
 def stats(llm: Llama | None = None, n_threads: int | None = None) -> Stats:
@@ -220,4 +228,7 @@ def stats(llm: Llama | None = None, n_threads: int | None = None) -> Stats:
         tuple(w.wait_ns for w in waits),
         tuple(w.waits for w in waits),
         st["virtual_nodes"],
+        hooks.NOT_PLACED.get(st["not_placed"], f"reason {st['not_placed']}"),
+        st["place_ns"] / 1e9,
+        tuple(hooks.not_local()),
     )

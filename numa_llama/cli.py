@@ -364,6 +364,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_local(weights: tuple[tuple[str, str], ...]) -> str:
+    by_buft: dict[str, int] = {}
+    for _, buft in weights:
+        by_buft[buft] = by_buft.get(buft, 0) + 1
+    return "; not node-local: " + ", ".join(f"{n} weight(s) ({b})" for b, n in by_buft.items())
+
+
+def _placing(pages: int, seconds: float) -> str:
+    return f"; placing took {seconds:.3f} s, {pages / seconds:,.0f} pages/s"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from numa_llama.verify import draw_pages, verify  # noqa: PLC0415
 
@@ -417,6 +428,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"{d['pages_boundary']} on slab boundaries; "
         f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
         + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else "")
+        + (_placing(st.pages, st.place_seconds) if st.place_seconds else "")
+        + (f"; nothing placed: {st.not_placed}" if st.not_placed else "")
+        + (_not_local(st.not_node_local) if st.not_node_local else "")
     )
     if loc is not None:
         print(f"decode locality: {loc.overall:.4%} (per thread " + " ".join(f"{f:.4f}" for f in loc.per_thread) + ")")

@@ -21,8 +21,17 @@ from numa_llama.kernel import ffi, lib, page_nodes, page_spans  # noqa: F401  (r
 MAX_SLABS = 64  # GGML_CPU_NUMA_MAX_SLABS
 _STAT_FIELDS = (
     "tensors pages pages_in_place pages_moved pages_failed pages_boundary failed_eacces failed_ebusy "
-    "failed_enomem failed_cpuset failed_other virtual_nodes"
+    "failed_enomem failed_cpuset failed_other virtual_nodes not_placed place_ns tensors_not_local"
 ).split()
+
+
+# ggml_backend_cpu_numa_stats::not_placed: why migrate placed nothing (GGML_BACKEND_CPU_NUMA_NOT_PLACED_*)
+NOT_PLACED = {
+    0: "",
+    1: "virtual nodes own no memory (GGML_CPU_NUMA_VIRTUAL)",
+    2: "the process already has a memory policy of its own (numactl --interleave, --membind, --preferred)",
+    3: "only one node has CPUs this process may use (a cpuset, or numactl -N)",
+}
 
 
 class HookUnavailable(RuntimeError):
@@ -147,6 +156,16 @@ def plan(
     return Split(_split(s), tuple(threads))
 
 
+def not_local() -> list[tuple[str, str]]:
+    """(name, buffer type) of each weight that no node-local kernel multiplies (AMX, KleidiAI): never placed."""
+    bind()
+    out: list[tuple[str, str]] = []
+    name, buft = ffi.new("const char **"), ffi.new("const char **")
+    while _call(lib.nl_numa_not_local(len(out), name, buft), "ggml_backend_cpu_numa_not_local") == 1:
+        out.append((ffi.string(name[0]).decode(), ffi.string(buft[0]).decode()))
+    return out
+
+
 def stats() -> dict[str, int]:
     """Page counts of every placement so far (in_place + moved + failed + boundary == pages)."""
     bind()
@@ -242,10 +261,15 @@ class Weight:
     memory, which the next weight may reuse.
     """
 
-    def __init__(self, name: str, type_id: int, ne0: int, ne1: int, ne2: int = 1) -> None:
+    def __init__(
+        self, name: str, type_id: int, ne0: int, ne1: int, ne2: int = 1, buffer_type: str | None = None
+    ) -> None:
+        """``buffer_type``: a host buffer of that name with the CPU buffer's functions, standing in for an extra
+        buffer (AMX, KleidiAI) whose kernels do not follow the split plan; None: the CPU buffer, as a model's."""
         bind()
         err = ffi.new("char[]", 256)
-        self._w = lib.nl_weight_new(name.encode(), type_id, ne0, ne1, ne2, err, 256)
+        buft = ffi.NULL if buffer_type is None else buffer_type.encode()
+        self._w = lib.nl_weight_new(name.encode(), type_id, ne0, ne1, ne2, buft, err, 256)
         if self._w == ffi.NULL:
             raise MemoryError(ffi.string(err).decode())
         self.name, self.type_id, self.shape = name, type_id, (ne0, ne1, ne2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def numa_summary(
         from numa_llama import hooks  # noqa: PLC0415
 
         st = hooks.stats()
+        if st["not_placed"]:
+            why = hooks.NOT_PLACED.get(st["not_placed"], f"reason {st['not_placed']}")
+            return (
+                f"numa=migrate; {where}: no weight was moved or bound: {why}; they stay where that puts them, "
+                "and results are unchanged"
+            )
         failed = ", ".join(f"{k.removeprefix('failed_')} {v}" for k, v in st.items() if k.startswith("failed_") and v)
         return (
             f"numa=migrate; {where}: {threads} threads pinned in contiguous blocks per node; "
@@ -60,7 +67,11 @@ def numa_summary(
             f"{st['pages_moved']} moved, {st['pages_failed']} failed{f' ({failed})' if failed else ''}, "
             f"{st['pages_boundary']} on slab boundaries; slab bytes on their node: "
             + ", ".join(f"node{n} {f:.2%}" for n, f in (locality or {}).items())
-            + "; every CPU matmul path multiplies its node's rows, from src1 converted on that node"
+            + "; the generic, repack, tiled, llamafile and mul_mat_id paths multiply their node's rows, from src1 "
+            "converted on that node"
+            + "".join(
+                f"; {n} not node-local ({b})" for b, n in sorted(Counter(b for _, b in hooks.not_local()).items())
+            )
         )
     return f"numa={name}; {where}: llama.cpp's stock {name} strategy"
 

@@ -63,6 +63,10 @@ class Report:
                 "failed": st.pages_failed,
                 "failed_by_reason": st.failed,
                 "boundary": st.pages_boundary,
+                "seconds": st.place_seconds,
+                "pages_per_second": st.pages_per_second,
+                "not_placed": st.not_placed,
+                "not_node_local": [{"name": n, "buffer_type": b} for n, b in st.not_node_local],
             },
             "barrier": {"waits": list(st.barrier_waits), "wait_ns": list(st.barrier_wait_ns)},
             "tensors": [

@@ -11,6 +11,7 @@ test_guest_model.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,81 @@ def test_decoding_maps_and_binds_nothing_per_token(synthetic_model: Path, tmp_pa
     print(f"system calls over 32 decoded tokens, {threads} threads: {calls}")
     assert calls.get("move_pages", 0) >= 32, ("strace saw no decode", calls)
     assert calls.get("mmap", 0) == calls.get("munmap", 0) == calls.get("mbind", 0) == 0, calls
+
+
+POLICY = """
+import json
+from llama_cpp import Llama
+from numa_llama import hooks
+llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=64, verbose=True)
+text = llm.create_completion("Paris is", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+print(json.dumps({{"text": text, "stats": hooks.stats()}}))
+"""
+
+
+@pytest.mark.parametrize(
+    "numactl,reason,line",
+    [
+        (["--interleave=all"], 2, "this process already has a memory policy (interleave"),
+        (["--cpunodebind=0"], 3, "NUMA nodes have CPUs this process may use (a cpuset, or numactl -N): nothing"),
+    ],
+    ids=["interleave", "one-usable-node"],
+)
+def test_what_the_user_chose_is_respected(synthetic_model: Path, numactl: list[str], reason: int, line: str) -> None:
+    """Under numactl --interleave=all, or with one usable node, migrate moves and binds nothing, says so once,
+    and gives the text it gives where it places (the control, run without numactl, places every weight)."""
+    code = POLICY.format(model=str(synthetic_model), threads=len(nodes_with_cpus()))
+    runs = {}
+    for name, prefix in (("control", []), ("numactl", ["numactl", *numactl])):
+        proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr)
+    (control, _), (out, stderr) = runs["control"], runs["numactl"]
+    assert control["stats"]["tensors"] == synthetic.matmul_weights() and control["stats"]["not_placed"] == 0
+    st = out["stats"]
+    print(f"numactl {' '.join(numactl)}: not_placed={st['not_placed']}, tensors {st['tensors']}, pages {st['pages']}")
+    assert st["not_placed"] == reason and st["tensors"] == st["pages"] == st["pages_moved"] == 0, st
+    assert sum(line in ln for ln in stderr.splitlines()) == 1, stderr[-3000:]
+    assert out["text"] == control["text"] and out["text"].strip()
+
+
+COLD = """
+import json
+with open("/proc/sys/vm/drop_caches", "w") as f:  # a cold page cache: placement faults the weights in itself
+    f.write("3")
+from llama_cpp import Llama
+from numa_llama import api
+llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=64, verbose=False)
+llm.create_completion("Paris is", max_tokens=1, temperature=0.0)
+st = api.stats(llm)
+print(json.dumps({{"pages": st.pages, "in_place": st.pages_in_place, "moved": st.pages_moved,
+                  "failed": st.pages_failed, "boundary": st.pages_boundary, "seconds": st.place_seconds,
+                  "per_second": st.pages_per_second}}))
+"""
+
+
+def test_each_node_places_its_own_slabs_and_the_time_is_reported(synthetic_model: Path) -> None:
+    """From a cold page cache, each node's slabs are faulted in by a thread of that node: the kernel puts the pages
+    there at once, and almost none has to move. One thread placing every node's slabs would fault them all in on
+    its own node and then move every other node's share (about half the pages on 2 nodes). The placement reports
+    its seconds and pages/s."""
+    st = run_json(COLD.format(model=str(synthetic_model), threads=len(nodes_with_cpus())))
+    print(
+        f"cold placement: {st['pages']} pages, {st['in_place']} in place, {st['moved']} moved, {st['failed']} "
+        f"failed, in {st['seconds']:.3f} s ({st['per_second']:,.0f} pages/s)"
+    )
+    assert st["failed"] == 0 and st["pages"] > 0
+    assert st["moved"] <= 0.02 * st["pages"], st
+    assert st["seconds"] > 0 and 0 < st["per_second"] < float("inf"), st
+
+
+def test_a_weight_no_node_local_kernel_reads_is_left_where_it_is() -> None:
+    """The stand-in extra buffer (tests/test_not_local.py) on real nodes: its pages stay on the first node, where
+    they were put; the CPU-buffer weight beside it is placed."""
+    from test_not_local import WORKER
+
+    nodes = nodes_with_cpus()
+    out = run_json(WORKER.format(nodes=repr(nodes)))
+    print(f"not node-local: {out['not_local']}; placed: {out['placed']}; the stand-in's pages on {out['extra_nodes']}")
+    assert out["not_local"] == [["blk.0.ffn_up.weight", "NL_EXTRA"]] and out["placed"] == ["blk.0.ffn_down.weight"]
+    assert out["extra_nodes"] == [nodes[0]] and out["same"]
