@@ -10,8 +10,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from numa_llama import __version__
+
+if TYPE_CHECKING:
+    from numa_llama.api import Stats
 
 DEFAULT_PROMPT = "The main reason a multi-socket server reads memory slowly is"
 
@@ -365,14 +369,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _not_local(weights: tuple[tuple[str, str], ...]) -> str:
-    by_buft: dict[str, int] = {}
-    for _, buft in weights:
-        by_buft[buft] = by_buft.get(buft, 0) + 1
-    return "; not node-local: " + ", ".join(f"{n} weight(s) ({b})" for b, n in by_buft.items())
+    from numa_llama import hooks  # noqa: PLC0415
+
+    counts = hooks.not_local_counts(weights)
+    return "; not node-local: " + ", ".join(f"{n} weight(s) ({b})" for b, n in counts.items())
 
 
-def _placing(pages: int, seconds: float) -> str:
-    return f"; placing took {seconds:.3f} s, {pages / seconds:,.0f} pages/s"
+def _placing(st: Stats) -> str:
+    rate = st.pages_per_second
+    return f"; placing took {st.place_seconds:.3f} s, {rate:,.0f} pages/s" if rate is not None else ""
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -428,7 +433,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"{d['pages_boundary']} on slab boundaries; "
         f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
         + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else "")
-        + (_placing(st.pages, st.place_seconds) if st.place_seconds else "")
+        + _placing(st)
         + (f"; nothing placed: {st.not_placed}" if st.not_placed else "")
         + (_not_local(st.not_node_local) if st.not_node_local else "")
     )

@@ -25,13 +25,26 @@ _STAT_FIELDS = (
 ).split()
 
 
-# ggml_backend_cpu_numa_stats::not_placed: why migrate placed nothing (GGML_BACKEND_CPU_NUMA_NOT_PLACED_*)
+# ggml_backend_cpu_numa_stats::not_placed: why migrate placed nothing, keyed by the header's own values
+# (GGML_BACKEND_CPU_NUMA_NOT_PLACED_*, which the compiler supplies to the cffi module)
 NOT_PLACED = {
-    0: "",
-    1: "virtual nodes own no memory (GGML_CPU_NUMA_VIRTUAL)",
-    2: "the process already has a memory policy of its own (numactl --interleave, --membind, --preferred)",
-    3: "only one node has CPUs this process may use (a cpuset, or numactl -N)",
+    lib.GGML_BACKEND_CPU_NUMA_NOT_PLACED_NO: "",
+    lib.GGML_BACKEND_CPU_NUMA_NOT_PLACED_VIRTUAL: "virtual nodes own no memory (GGML_CPU_NUMA_VIRTUAL)",
+    lib.GGML_BACKEND_CPU_NUMA_NOT_PLACED_POLICY: (
+        "the process already has a memory policy of its own (numactl --interleave, --membind, --preferred)"
+    ),
+    lib.GGML_BACKEND_CPU_NUMA_NOT_PLACED_ONE_NODE: (
+        "only one node has CPUs this process may use (a cpuset, or numactl -N)"
+    ),
 }
+
+
+def not_local_counts(weights: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """How many of the (weight, buffer type) pairs that ``not_local`` gives are in each buffer type, by name."""
+    out: dict[str, int] = {}
+    for _, buft in sorted(weights, key=lambda w: w[1]):
+        out[buft] = out.get(buft, 0) + 1
+    return out
 
 
 class HookUnavailable(RuntimeError):

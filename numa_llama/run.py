@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +68,7 @@ def numa_summary(
             + ", ".join(f"node{n} {f:.2%}" for n, f in (locality or {}).items())
             + "; the generic, repack, tiled, llamafile and mul_mat_id paths multiply their node's rows, from src1 "
             "converted on that node"
-            + "".join(
-                f"; {n} not node-local ({b})" for b, n in sorted(Counter(b for _, b in hooks.not_local()).items())
-            )
+            + "".join(f"; {n} not node-local ({b})" for b, n in hooks.not_local_counts(hooks.not_local()).items())
         )
     return f"numa={name}; {where}: llama.cpp's stock {name} strategy"
 

@@ -24,8 +24,16 @@ data = bytes(range(256)) * (extra.nbytes // 256)
 extra.set(data)
 plain.set(data)
 pages = [a for a, _ in kernel.page_spans(extra.data, extra.data + extra.nbytes, kernel.page_size())]
-if nodes:  # every page of the stand-in on the first node, to see whether anything moves it
-    kernel.move_pages(pages, nodes[0])
+if nodes:  # every page of the stand-in bound to the first node, to see whether anything moves it. Bound, not
+    # just moved: automatic NUMA balancing moves anonymous pages that move_pages put elsewhere back to their readers
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    mask = ctypes.c_ulong(1 << nodes[0])
+    lo, hi = pages[0], pages[-1] + kernel.page_size()
+    SYS_MBIND, MPOL_BIND, MPOL_MF_MOVE = 237, 2, 2
+    rv = libc.syscall(SYS_MBIND, ctypes.c_void_p(lo), ctypes.c_ulong(hi - lo), MPOL_BIND, ctypes.byref(mask),
+                      ctypes.c_ulong(64), MPOL_MF_MOVE)
+    assert rv == 0, ctypes.get_errno()
 x = bytes(4 * 256 * 3)
 outs = [w.mul(x, 3, 2) for w in (extra, plain)]
 st = api.stats()
