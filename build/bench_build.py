@@ -9,7 +9,7 @@ variant (the best one that *executes* here, probed like the shipped build),
 ``GGML_NATIVE=OFF``: a ``-march=native`` build dies in its AMX kernels on
 machines that advertise AMX and fault on it.
 
-Usage: ``python build/bench_build.py [--which patched|stock|both] [--variant NAME]``; prints
+Usage: ``python build/bench_build.py [--which patched|patched-off|stock|both] [--variant NAME]``; prints
 ``<which> <path of llama-bench>`` per build.
 """
 
@@ -75,13 +75,15 @@ def bench_args(variant: native.Variant, numa: bool) -> list[str]:
 
 
 def build_bench(which: str, build_root: Path | None = None, log=print, variant: str | None = None) -> Path:
-    """Build (or bring up to date) ``llama-bench`` for ``which`` in {patched, stock}; return its path.
+    """Build (or bring up to date) ``llama-bench`` for ``which`` in {patched, patched-off, stock}; return its path.
+
+    ``patched-off`` is the series' tree with ``GGML_CPU_NUMA`` left off: the build that must stay the stock one.
 
     ``variant`` names a ggml CPU variant (``haswell`` for valgrind, which has no AVX-512); default: the best."""
-    if which not in ("patched", "stock"):
-        raise native.BuildError(f"unknown build {which!r}: patched or stock")
+    if which not in ("patched", "patched-off", "stock"):
+        raise native.BuildError(f"unknown build {which!r}: patched, patched-off or stock")
     build_root = build_root or ROOT / "_build"
-    tree = PATCHED_TREE if which == "patched" else stock_tree(build_root, log)
+    tree = stock_tree(build_root, log) if which == "stock" else PATCHED_TREE
     if not (tree / "CMakeLists.txt").exists():
         raise native.BuildError(f"{tree} is not a llama.cpp tree: run python build/sync.py apply")
     chosen = pick_variant(tree, variant, log)
@@ -97,7 +99,7 @@ def build_bench(which: str, build_root: Path | None = None, log=print, variant: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--which", choices=["patched", "stock", "both"], default="both")
+    ap.add_argument("--which", choices=["patched", "patched-off", "stock", "both"], default="both")
     ap.add_argument("--build-root", type=Path, default=None, help="where the build directories go (_build)")
     ap.add_argument("--variant", default=None, help="a ggml CPU variant (e.g. haswell); default: the best that runs")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the result")

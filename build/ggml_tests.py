@@ -41,6 +41,8 @@ import compile as native  # noqa: E402
 FLAVORS = {
     "guest": (native.GUEST_VARIANT, ["-DCMAKE_BUILD_TYPE=Release"]),
     "guest-avx2": ("haswell", ["-DCMAKE_BUILD_TYPE=Release"]),
+    # the same without the series' option: the build that must stay the stock one (series_bisect.py)
+    "guest-avx2-off": ("haswell", ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_CPU_NUMA=OFF"]),
     "best": ("", ["-DCMAKE_BUILD_TYPE=Release"]),  # "": the best variant that runs here (compile.choose_variants)
     "tsan": (
         native.GUEST_VARIANT,

@@ -8,7 +8,11 @@ are compiled in), and the tests that exist at that commit run on this host:
 
 - ``test-barrier 2 2``;
 - ``test-cpu-numa 2`` where the commit has it;
-- ``test-backend-ops -b CPU --numa migrate`` on the matmul cases of a few types.
+- ``test-backend-ops -b CPU --numa migrate`` on the matmul cases of a few types;
+- and, built again with ``GGML_CPU_NUMA=OFF``: ``test-barrier``, the same
+  ``test-backend-ops`` (the strategy then warns and runs stock), and
+  ``ggml_barrier`` and the chunk counter compiled to exactly the instructions
+  of the first prefix's OFF build (whose ``ggml-cpu.c`` is upstream's).
 
 Where a prefix has the virtual topology (``GGML_CPU_NUMA_VIRTUAL``),
 ``test-cpu-numa`` runs again over 3 virtual nodes, so that its node-local paths
@@ -32,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -132,16 +137,63 @@ def check_prefix(step: Step, build_root: Path, log) -> None:
                 ["env", f"GGML_CPU_NUMA_VIRTUAL={VIRTUAL_NODES}", str(bins / "test-cpu-numa"), "4"],
                 f"test-cpu-numa under GGML_CPU_NUMA_VIRTUAL={VIRTUAL_NODES}",
             )
-            if "virtual nodes (GGML_CPU_NUMA_VIRTUAL): node-local paths" not in out:
-                raise native.BuildError(
-                    "test-cpu-numa did not run the node-local paths over virtual nodes:\n" + out[-1500:]
-                )
+            if "virtual nodes (GGML_CPU_NUMA_VIRTUAL)" not in out:
+                raise native.BuildError("test-cpu-numa did not run over virtual nodes:\n" + out[-1500:])
             done.append(f"test-cpu-numa on {VIRTUAL_NODES} virtual nodes")
-    out = run_test([str(bins / "test-backend-ops"), *BACKEND_OPS], "test-backend-ops --numa migrate")
+            local = re.search(r"(\d+) product\(s\) computed node by node", out)
+            if local:  # from the patch that computes products node by node
+                done.append(f"{local.group(1)} products computed node by node")
+    # --numa and -t come with the patch that adds the strategy: before it, the same cases without them
+    backend_ops = BACKEND_OPS
+    if '"--numa"' not in (tree / "tests" / "test-backend-ops.cpp").read_text():
+        backend_ops = [BACKEND_OPS[0], BACKEND_OPS[1], *BACKEND_OPS[6:]]
+    out = run_test([str(bins / "test-backend-ops"), *backend_ops], "test-backend-ops --numa migrate")
     if " tests passed" not in out or "FAIL" in out:
         raise native.BuildError("test-backend-ops printed no passing summary:\n" + out[-1500:])
     done.append("test-backend-ops")
+
+    # the same prefix with GGML_CPU_NUMA=OFF: it builds, passes, and its ggml_barrier and chunk counter compile to
+    # exactly the stock instructions (those of the first prefix's OFF build, whose ggml-cpu.c is upstream's)
+    off_tests = [t for t in tests if t != "test-cpu-numa"]
+    off = ggml_tests.build_tests(tree, FLAVOR_OFF, off_tests, build_root=build_root / "bisect", log=log)
+    run_test([str(off / "test-barrier"), "2", "2"], "test-barrier (GGML_CPU_NUMA=OFF)")
+    out = run_test([str(off / "test-backend-ops"), *backend_ops], "test-backend-ops --numa migrate (GGML_CPU_NUMA=OFF)")
+    if " tests passed" not in out or "FAIL" in out:
+        raise native.BuildError("test-backend-ops (GGML_CPU_NUMA=OFF) printed no passing summary:\n" + out[-1500:])
+    code = stock_functions(off.parent)
+    reference = build_root / "bisect" / "stock-functions.txt"
+    if step.k == 1:
+        reference.write_text(code)
+    elif not reference.exists():
+        raise native.BuildError(f"{reference} is missing: run the bisect from prefix 1")
+    elif code != reference.read_text():
+        raise native.BuildError(f"with GGML_CPU_NUMA=OFF, {', '.join(STOCK_FUNCTIONS)} differ from the stock code")
+    done.append("OFF: builds, test-barrier, test-backend-ops, stock barrier and chunk code")
     step.detail = ", ".join(done)
+
+
+FLAVOR_OFF = "guest-avx2-off"
+STOCK_FUNCTIONS = ["ggml_barrier", "ggml_threadpool_chunk_set", "ggml_threadpool_chunk_add"]
+
+
+def stock_functions(build_dir: Path) -> str:
+    """The instructions of STOCK_FUNCTIONS in the OFF build's ggml-cpu.c object, without addresses."""
+    obj = next(build_dir.glob("**/ggml-cpu.dir/**/ggml-cpu.c.o"), None)
+    if obj is None:
+        raise native.BuildError(f"no ggml-cpu.c.o under {build_dir}")
+    out = []
+    for fn in STOCK_FUNCTIONS:
+        proc = subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", "--no-addresses", f"--disassemble={fn}", str(obj)],
+            capture_output=True,
+            text=True,
+        )
+        body = [line.split("#")[0].strip() for line in proc.stdout.splitlines() if line.startswith(("\t", " "))]
+        if proc.returncode != 0 or not body:
+            raise native.BuildError(f"objdump found no {fn} in {obj}: {proc.stderr.strip()[:300]}")
+        # jump targets are offsets in the section: keep the mnemonics and operands that do not name addresses
+        out += [f"{fn}:"] + [re.sub(r"\b[0-9a-f]+ <[^>]*>", "<target>", line) for line in body]
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

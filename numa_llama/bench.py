@@ -199,7 +199,7 @@ def source_checkout(start: Path | None = None) -> Path:
 
 
 def build(which: str, checkout: Path, log: Callable[[str], None] | None = None, variant: str | None = None) -> Path:
-    """Build (or reuse) llama-bench of ``which`` (patched|stock) with the checkout's build script."""
+    """Build (or reuse) llama-bench of ``which`` (patched|patched-off|stock) with the checkout's build script."""
     cmd = [sys.executable, str(checkout / "build" / "bench_build.py"), "--which", which]
     cmd += ["--variant", variant] if variant else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

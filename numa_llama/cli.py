@@ -124,7 +124,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         return 2
     given = (args.rounds, args.reps, args.threads if args.threads is not None else 1)
-    if min(given) < 1 or args.callgrind < 0 or args.pp < 0 or args.tg < 0 or not (args.pp or args.tg):
+    if (
+        min(given) < 1
+        or args.callgrind < 0
+        or args.virtual < 0
+        or args.pp < 0
+        or args.tg < 0
+        or not (args.pp or args.tg)
+    ):
         print("numa-llama: --rounds, --reps and --threads must be >= 1, -p/-n >= 0 and not both 0", file=sys.stderr)
         return 2
     model = _model(args.model)
@@ -142,7 +149,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.stock and stock is None:
                 stock = bench.build("stock", checkout, log, variant)
         configs = [bench.Config("stock", stock)] if args.stock and stock else []
-        configs += [bench.Config(f"patched-{s}", patched, None if s == "off" else s) for s in strategies]
+        if args.off_build:
+            checkout = bench.source_checkout()
+            configs.append(bench.Config("OFF-build", bench.build("patched-off", checkout, log, variant)))
+        virtual = ("env", f"GGML_CPU_NUMA_VIRTUAL={args.virtual}") if args.virtual else ()
+        configs += [
+            bench.Config(
+                f"patched-{s}" + (f"-virtual{args.virtual}" if virtual and s == "migrate" else ""),
+                patched,
+                None if s == "off" else s,
+                prefix=virtual if s == "migrate" else (),
+            )
+            for s in strategies
+        ]
         if args.callgrind:
             return _bench_callgrind(bench, configs, model, args.callgrind, args.json)
         from numa_llama.sysfs import read_topology  # noqa: PLC0415
@@ -482,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--llama-bench", help="a patched llama-bench to use instead of building one")
     b.add_argument("--stock-bench", help="a stock llama-bench to use instead of building one")
+    b.add_argument(
+        "--off-build",
+        action="store_true",
+        help="also run the series' tree built with GGML_CPU_NUMA=OFF (the build that must stay the stock one)",
+    )
+    b.add_argument(
+        "--virtual",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run migrate over N virtual nodes (GGML_CPU_NUMA_VIRTUAL=N): its node-local paths on one node",
+    )
     b.add_argument(
         "--callgrind",
         type=int,
