@@ -162,12 +162,17 @@ class BuildExt(build_ext):
 
     def run(self) -> None:
         prepare_build()  # a no-op after build_py; needed when build_ext runs alone (its header is in vendor/)
-        log("numa-llama: compiling numa_llama._native (cffi, API mode, against the patched ggml-cpu.h)")
+        log("numa-llama: compiling numa_llama._native (cffi, API mode, against the series' ggml-cpu-numa.h)")
         super().run()
         for ext in self.extensions:
             built = Path(self.get_ext_fullpath(ext.name))
             if not self.inplace and built.exists():
-                shutil.copy2(built, ROOT / Path(*ext.name.split(".")[:-1]) / built.name)
+                # a new file renamed over the old one, never the old one rewritten: a process that has the module
+                # loaded (a test run that builds a wheel of this checkout) keeps its mapping of the old inode
+                dest = ROOT / Path(*ext.name.split(".")[:-1]) / built.name
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copy2(built, tmp)
+                os.replace(tmp, dest)
 
 
 class BinaryDistribution(Distribution):

@@ -9,8 +9,8 @@ Two halves, kept apart on purpose:
   ``getcpu(2)`` and the process's affinity, as raw syscalls (no libnuma). It
   does not depend on the series: it is what the series is checked against.
 * **the series' C API**: the ``ggml_backend_cpu_numa_*`` hooks, typed by the
-  patched ``ggml-cpu.h`` itself (the compiler checks every struct and
-  signature against it), reached in the libraries that ``llama_cpp`` already
+  series' own ``ggml-cpu/ggml-cpu-numa.h`` (the compiler checks every struct
+  and signature against it), reached in the libraries that ``llama_cpp`` already
   loaded: ``dlopen(RTLD_NOLOAD)`` fails rather than load a second copy.
   Beside them, a small weight harness on ggml's own API (a weight in a
   WEIGHTS buffer multiplied by the CPU backend), so placement can be tested
@@ -67,6 +67,7 @@ struct ggml_backend_cpu_numa_stats {
     int64_t not_placed;
     int64_t place_ns;
     int64_t tensors_not_local;
+    int64_t products_local;
 };
 
 struct ggml_backend_cpu_numa_barrier_stats {
@@ -134,6 +135,7 @@ SOURCE = r"""
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-cpu/ggml-cpu-numa.h" /* the hooks' types: private to the CPU backend, not in ggml-cpu.h */
 #include "ggml-backend-impl.h" /* struct ggml_backend_buffer_type: nl_buffer_type's stand-in extra buffer */
 
 static long nl_ret(long rv) { return rv < 0 ? -errno : rv; }

@@ -21,7 +21,7 @@ from numa_llama.kernel import ffi, lib, page_nodes, page_spans  # noqa: F401  (r
 MAX_SLABS = 64  # GGML_CPU_NUMA_MAX_SLABS
 _STAT_FIELDS = (
     "tensors pages pages_in_place pages_moved pages_failed pages_boundary failed_eacces failed_ebusy "
-    "failed_enomem failed_cpuset failed_other virtual_nodes not_placed place_ns tensors_not_local"
+    "failed_enomem failed_cpuset failed_other virtual_nodes not_placed place_ns tensors_not_local products_local"
 ).split()
 
 

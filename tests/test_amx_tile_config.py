@@ -1,4 +1,4 @@
-"""Patch 0012: the config ggml's AMX kernels give ldtilecfg holds its tiles' rows and columns, as compiled.
+"""Patch 0001: the config ggml's AMX kernels give ldtilecfg holds its tiles' rows and columns, as compiled.
 
 No AMX machine is needed: what faulted was the compiler's output. GCC's _tile_loadconfig() declares an 8-byte
 memory operand, so with the config on the stack the stores of rows[] and colsb[] were dead and dropped, and

@@ -33,7 +33,7 @@ def test_build_info_matches_the_pin_and_the_series() -> None:
         "llama.cpp": series_names("llama.cpp"),
         "llama-cpp-python": series_names("llama-cpp-python"),
     }
-    assert info.patches["llama.cpp"][0].startswith("0001-ggml-cpu-add-GGML_CPU_NUMA")
+    assert info.patches["llama.cpp"][1].startswith("0002-ggml-cpu-add-GGML_CPU_NUMA")
 
 
 def test_build_info_reports_the_running_library() -> None:

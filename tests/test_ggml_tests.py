@@ -101,6 +101,13 @@ def failure(out: str, err: str = "") -> str:
     return "\n".join(["failing lines:", *bad, "--- tail of stdout:", out[-2000:], "--- tail of stderr:", err[-1500:]])
 
 
+def products_local(out: str) -> int:
+    """How many products test-cpu-numa saw computed node by node (the CPU backend's own count)."""
+    m = re.search(r"test-cpu-numa: (\d+) product\(s\) computed node by node", out)
+    assert m, out[-2000:]
+    return int(m.group(1))
+
+
 def cases_passed(out: str) -> tuple[int, int]:
     m = re.search(r"test-cpu-numa: (\d+)/(\d+) cases passed", out)
     assert m, out[-2000:]
@@ -161,7 +168,8 @@ def test_cpu_numa_every_case_over_virtual_nodes(bins: dict[str, Path], flavor: s
     node-local and bitwise the stock split, and it says that no page was placed or checked."""
     proc = run(bins[flavor] / "test-cpu-numa", 4, env={"GGML_CPU_NUMA_VIRTUAL": "3"}, timeout=300)
     assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
-    assert "4 thread(s) on 3 node(s) [0,0,1,2]: virtual nodes (GGML_CPU_NUMA_VIRTUAL): node-local paths" in proc.stdout
+    assert "4 thread(s) on 3 node(s) [0,0,1,2]: virtual nodes (GGML_CPU_NUMA_VIRTUAL)" in proc.stdout
+    assert products_local(proc.stdout) >= cases  # every case's product was computed by per-node teams
     assert cases_passed(proc.stdout) == (cases, cases)
     assert "DIFFERENT" not in proc.stdout and "0 weights placed" in proc.stdout
     assert "no weight page is placed (virtual nodes own no memory)" in proc.stderr
@@ -225,9 +233,9 @@ TSAN_TEAM_CASES = [
 
 
 def test_sgemm_teams_and_repack_over_virtual_nodes_under_thread_sanitizer(bins: dict[str, Path]) -> None:
-    """The AVX2 build's node-local paths, instrumented (TSan): per-node sgemm teams with their own chunk counters
-    and barriers, src1 converted per node, repack and tiled MoE; 4 threads over 3 virtual nodes: no report, and
-    every case bitwise the stock split."""
+    """The AVX2 build's node-local paths, instrumented (TSan): per-node teams with their own chunk counters,
+    barriers and work buffers (llamafile sgemm, the generic chunks, repack and tiled MoE); 4 threads over 3
+    virtual nodes: no report, and every case bitwise the stock split."""
     args = [a for c in TSAN_TEAM_CASES for a in ("--case", c)]
     proc = run(bins["tsan-avx2"] / "test-cpu-numa", 4, *args, env={"GGML_CPU_NUMA_VIRTUAL": "3"}, timeout=600)
     assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
@@ -269,7 +277,8 @@ def test_node_local_kernels_are_bitwise_stock(bins: dict[str, Path], extra: int)
     threads = nodes if extra == 0 else 2 * nodes - 1
     proc = run(bins["guest"] / "test-cpu-numa", threads)
     assert proc.returncode == 0, failure(proc.stdout, proc.stderr)
-    assert re.search(rf"on {nodes} node\(s\) \[[0-9,]+\]: node-local paths", proc.stdout), proc.stdout[:500]
+    assert re.search(rf"on {nodes} node\(s\) \[[0-9,]+\]: pages placed and checked", proc.stdout), proc.stdout[:500]
+    assert products_local(proc.stdout) >= 30
     assert cases_passed(proc.stdout) == (30, 30)
     assert "FAIL" not in proc.stdout and "DIFFERENT" not in proc.stdout
 
@@ -279,8 +288,8 @@ def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
     """The AVX2 build: the repacked weights (Q4_0, Q4_K; anonymous memory) placed on their nodes, node-local and
     bitwise stock.
 
-    src1 is converted once per node, into a buffer bound to the node: the kernel (numa_maps) puts every page of
-    the barrier's counters and of the src1 buffers on its node (the weights' pages are asked of move_pages).
+    Each node's team converts src1 into its own work buffer, bound to the node: the kernel (numa_maps) puts every
+    page of the barrier's counters and of the work buffers on its node (the weights' pages are asked of move_pages).
     The AVX2 build runs some 30 times slower than sse42 under TCG: only the 10 repacked cases (and two more) run; the
     results of the repack, tiled and llamafile paths are tested on the host (test_prop_kernels.py).
     """
@@ -296,8 +305,8 @@ def test_node_local_repack_and_tiled_kernels(bins: dict[str, Path]) -> None:
     assert cases_passed(proc.stdout) == (12, 12)
     repacked = [line for line in proc.stdout.splitlines() if " repack " in line and "bitwise equal" in line]
     assert len(repacked) == 10, proc.stdout  # q4_0 and q4_K, 3 mul_mat + 2 mul_mat_id each
-    src1 = re.search(rf"src1 buffers of (\d+) bytes on each of {nodes} nodes", proc.stderr)
-    assert src1 and int(src1.group(1)) > 0, proc.stderr[-2000:]
+    work = re.search(rf"work buffers of (\d+) bytes on each of {nodes} nodes", proc.stderr)
+    assert work and int(work.group(1)) > 0, proc.stderr[-2000:]
     mappings, pages, off = bound_pages(proc.stdout)
     assert off == 0 and mappings >= 2 * nodes and pages > 0, (mappings, pages, off)
 

@@ -29,7 +29,7 @@ if not {mmap}:  # base pages (PR_SET_THP_DISABLE): a 2 MiB page would hold sever
     ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
 from collections import Counter
 from llama_cpp import Llama
-from numa_llama import hooks
+from numa_llama import hooks, kernel
 llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=64, use_mmap={mmap}, verbose=False)
 text = llm.create_completion("Paris is", max_tokens=1, temperature=0.0)["choices"][0]["text"]
 on_plan = off_plan = 0
@@ -42,7 +42,11 @@ for p in hooks.placements():
             else:
                 off_plan += 1
                 off[(p.name, node, got)] += 1
-print(json.dumps({{"text": text, "stats": hooks.stats(), "on_plan": on_plan, "off_plan": off_plan,
+# the memory policy of each weight's first whole slab page (anonymous memory is bound, a file's page cache is not)
+policies = Counter(kernel.mempolicy(address=pages[0]).mode
+                   for p in hooks.placements() for _, pages in list(p.slab_pages())[:1] if pages)
+print(json.dumps({{"policies": dict(policies), "text": text, "stats": hooks.stats(),
+                  "on_plan": on_plan, "off_plan": off_plan,
                   "locality": hooks.slab_locality(),
                   "off": [list(k) + [v] for k, v in off.most_common(5)], "layout": hooks.layout({threads}),
                   "tensors": len(hooks.placements())}}))
@@ -87,6 +91,9 @@ def test_pages_are_where_the_plan_says(synthetic_model: Path, use_mmap: bool, pe
         f"{st['pages_boundary']} on slab boundaries; {out['on_plan']} slab pages on plan, {out['off_plan']} off"
     )
     assert out["on_plan"] == st["pages_in_place"] + st["pages_moved"]
+    # anonymous weights are bound MPOL_PREFERRED: MPOL_BIND would make a later fault on a full node (swap-in,
+    # a huge page collapsed) wake the OOM killer instead of falling back to another node
+    assert set(out["policies"]) == ({"default"} if use_mmap else {"preferred"}), out["policies"]
     # The generic mul_mat multiplies each node's slab on that node (patch 0004): what its threads read from
     # their own node. mmap'd, the synthetic model's slabs are whole pages: nothing straddles, every byte is
     # local. Without mmap, ggml's buffer puts tensors 32-byte aligned: the pages straddling slabs are lost
