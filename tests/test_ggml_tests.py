@@ -351,16 +351,22 @@ from llama_cpp import Llama
 from numa_llama import hooks
 llm = Llama({model!r}, numa="migrate", n_threads={threads}, n_ctx=64, verbose=False)
 llm.create_completion("Paris is", max_tokens=2, temperature=0.0)
-print(json.dumps([[w.waits, w.wait_ns] for w in hooks.barrier_stats({threads})]))
+untimed = [[w.waits, w.wait_ns] for w in hooks.barrier_stats({threads}, reset=True)]  # asking starts the clock
+llm.create_completion("Rome is", max_tokens=4, temperature=0.0)
+timed = [[w.waits, w.wait_ns] for w in hooks.barrier_stats({threads})]
+print(json.dumps({{"untimed": untimed, "timed": timed}}))
 """
 
 
 @pytest.mark.numa_guest
 def test_every_thread_waits_in_the_node_aware_barrier(synthetic_model: Path) -> None:
-    """A model under migrate: the barrier statistics hook reports time for every thread."""
+    """A model under migrate: the barrier counts every thread's waits, and times them once a tool has asked for
+    its statistics (before that it reads no clock: the wait times are 0)."""
     threads = node_count()
-    stats = run_json(BARRIER_STATS.format(model=str(synthetic_model), threads=threads))
-    assert len(stats) == threads
+    out = run_json(BARRIER_STATS.format(model=str(synthetic_model), threads=threads))
+    untimed, stats = out["untimed"], out["timed"]
+    assert len(untimed) == len(stats) == threads
+    assert all(waits > 100 and ns == 0 for waits, ns in untimed), untimed
     assert all(waits > 100 and ns > 0 for waits, ns in stats), stats
 
 
