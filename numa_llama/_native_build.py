@@ -83,6 +83,10 @@ long nl_getcpu(unsigned int * cpu, unsigned int * node);
 long nl_affinity(int * cpus, int max_cpus);
 long nl_page_size(void);
 
+/* read bandwidth: threads pinned to cpus[] stream buffers bound to mem_node (-1: no binding); see nl_stream_read */
+long nl_stream_read(const int * cpus, int n_cpus, int mem_node, size_t bytes_per_thread, int passes,
+                    double * seconds, char * err, size_t err_len);
+
 /* the series, in the library llama_cpp loaded: nl_bind first (0, or -1 with a message in err) */
 int  nl_bind(const char * library, char * err, size_t err_len);
 int  nl_has_hook(const char * name);
@@ -120,6 +124,9 @@ SOURCE = r"""
 #define _GNU_SOURCE
 #endif
 #include <dlfcn.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <time.h>
 #include <errno.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -174,6 +181,147 @@ long nl_affinity(int * cpus, int max_cpus) {
 }
 
 long nl_page_size(void) { return sysconf(_SC_PAGESIZE); }
+
+/* -- read bandwidth ------------------------------------------------------------------------------------------ */
+
+typedef uint64_t nl_v2 __attribute__((vector_size(16)));
+
+struct nl_stream {
+    const int *       cpus;
+    int               mem_node;
+    size_t            bytes;
+    int               passes;
+    int               ready; /* threads with their buffer faulted in (or failed) */
+    int               go;    /* set once every started thread is ready, or to stop them */
+    int               error; /* the first -errno of any thread, or 0 */
+    const char *      what;
+    volatile uint64_t sink;
+};
+
+struct nl_stream_thread {
+    struct nl_stream * s;
+    int                i;
+    struct timespec    end;
+};
+
+static void nl_stream_fail(struct nl_stream * s, int e, const char * what) {
+    int none = 0;
+    if (__atomic_compare_exchange_n(&s->error, &none, e, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        s->what = what;
+    }
+}
+
+static void * nl_stream_main(void * arg) {
+    struct nl_stream_thread * t   = (struct nl_stream_thread *) arg;
+    struct nl_stream *        s   = t->s;
+    uint64_t *                buf = NULL;
+    cpu_set_t                 set;
+    CPU_ZERO(&set);
+    CPU_SET(s->cpus[t->i], &set);
+    if (sched_setaffinity(0, sizeof(set), &set) != 0) {
+        nl_stream_fail(s, -errno, "sched_setaffinity");
+    } else {
+        void * p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            nl_stream_fail(s, -errno, "mmap");
+        } else {
+            buf = (uint64_t *) p;
+            /* base pages: each one is on the bound node, whatever THP is set to */
+            madvise(p, s->bytes, MADV_NOHUGEPAGE);
+            if (s->mem_node >= 0) {
+                unsigned long mask[16] = { 0 };
+                mask[s->mem_node / 64] = 1UL << (s->mem_node % 64);
+                /* MPOL_BIND (2) before the first touch: every page is allocated on mem_node */
+                if (syscall(SYS_mbind, p, s->bytes, 2, mask, 1024UL, 0U) != 0) {
+                    nl_stream_fail(s, -errno, "mbind");
+                }
+            }
+            if (__atomic_load_n(&s->error, __ATOMIC_SEQ_CST) == 0) {
+                memset(p, 1, s->bytes); /* fault every page in, where the policy says */
+            }
+        }
+    }
+    __atomic_add_fetch(&s->ready, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_load_n(&s->go, __ATOMIC_ACQUIRE)) {
+        sched_yield();
+    }
+    /* 16-byte loads (SSE2 on x86-64, NEON on arm64), 4 independent sums: the loads, not the adds, set the pace */
+    nl_v2 a = { 0, 0 }, b = a, c = a, d = a;
+    if (buf != NULL && __atomic_load_n(&s->error, __ATOMIC_SEQ_CST) == 0) {
+        const nl_v2 * v = (const nl_v2 *) buf;
+        const size_t  n = s->bytes / sizeof(nl_v2) / 8 * 8;
+        for (int pass = 0; pass < s->passes; ++pass) {
+            for (size_t k = 0; k < n; k += 8) {
+                a += v[k] + v[k + 4];
+                b += v[k + 1] + v[k + 5];
+                c += v[k + 2] + v[k + 6];
+                d += v[k + 3] + v[k + 7];
+            }
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t->end);
+    a += b + c + d;
+    __atomic_add_fetch(&s->sink, a[0] + a[1], __ATOMIC_RELAXED);
+    if (buf != NULL) {
+        munmap(buf, s->bytes);
+    }
+    return NULL;
+}
+
+static double nl_seconds(struct timespec t) { return (double) t.tv_sec + 1e-9 * (double) t.tv_nsec; }
+
+long nl_stream_read(const int * cpus, int n_cpus, int mem_node, size_t bytes_per_thread, int passes,
+                    double * seconds, char * err, size_t err_len) {
+    /* every thread faults its own buffer in on mem_node; once all are ready they read theirs `passes` times.
+       *seconds: from the start signal to the last thread's end */
+    if (n_cpus < 1 || bytes_per_thread < 4096 || passes < 1 || mem_node >= 1024) {
+        snprintf(err, err_len, "needs at least one CPU, one page and one pass, and a node below 1024");
+        return -EINVAL;
+    }
+    struct nl_stream s;
+    memset(&s, 0, sizeof(s));
+    s.cpus     = cpus;
+    s.mem_node = mem_node;
+    s.bytes    = bytes_per_thread;
+    s.passes   = passes;
+    pthread_t *               th = (pthread_t *) calloc((size_t) n_cpus, sizeof(pthread_t));
+    struct nl_stream_thread * ts = (struct nl_stream_thread *) calloc((size_t) n_cpus, sizeof(*ts));
+    int                       started = 0;
+    if (th == NULL || ts == NULL) {
+        nl_stream_fail(&s, -ENOMEM, "calloc");
+    }
+    for (int i = 0; i < n_cpus && s.error == 0; ++i) {
+        ts[i].s = &s;
+        ts[i].i = i;
+        int rc  = pthread_create(&th[i], NULL, nl_stream_main, &ts[i]);
+        if (rc != 0) {
+            nl_stream_fail(&s, -rc, "pthread_create");
+            break;
+        }
+        started++;
+    }
+    while (__atomic_load_n(&s.ready, __ATOMIC_SEQ_CST) < started) {
+        sched_yield();
+    }
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    __atomic_store_n(&s.go, 1, __ATOMIC_RELEASE);
+    double end = nl_seconds(t0);
+    for (int i = 0; i < started; ++i) {
+        pthread_join(th[i], NULL);
+        if (nl_seconds(ts[i].end) > end) {
+            end = nl_seconds(ts[i].end);
+        }
+    }
+    free(th);
+    free(ts);
+    if (s.error != 0) {
+        snprintf(err, err_len, "%s: %s", s.what, strerror(-s.error));
+        return s.error;
+    }
+    *seconds = end - nl_seconds(t0);
+    return 0;
+}
 
 /* -- the series, in the libraries llama_cpp loaded ---------------------------------------------------------- */
 
@@ -433,7 +581,7 @@ ffibuilder.set_source(
     "numa_llama._native",
     SOURCE,
     include_dirs=[str(GGML_INCLUDE), str(GGML_INCLUDE.parent / "src")],
-    libraries=["dl"],
+    libraries=["dl", "pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )
 

@@ -98,6 +98,7 @@ class Result:
     baseline: str
     tests: list[str]
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> test -> t/s per round
+    info: dict[str, dict[str, object]] = field(default_factory=dict)  # label -> llama-bench's model and build fields
 
     def median(self, label: str, test: str) -> float:
         return statistics.median(self.samples[label][test])
@@ -118,13 +119,39 @@ class Result:
         return d
 
     def markdown(self) -> str:
-        head = ["configuration", *(f"{t} t/s" for t in self.tests), *(f"{t} ÷ {self.baseline}" for t in self.tests)]
-        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        """llama-bench's own table (``model | size | params | backend | threads | test | t/s``), one row per
+        configuration and test, t/s as mean ± sd of the rounds; then compare-llama-bench.py's form for each
+        configuration against the baseline (its speedup: the median of the within-round ratios)."""
+        head = "| model | size | params | backend | threads | build | test | t/s |"
+        rows = [head, "| --- | ---: | ---: | --- | ---: | --- | --- | ---: |"]
         for lab in self.samples:
-            cells = [lab, *(f"{self.median(lab, t):.2f}" for t in self.tests)]
-            cells += [("1 (baseline)" if lab == self.baseline else f"{self.ratio(lab, t):.3f}") for t in self.tests]
-            rows.append("| " + " | ".join(cells) + " |")
+            info = self.info.get(lab, {})
+            for t in self.tests:
+                xs = self.samples[lab][t]
+                sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+                rows.append(
+                    f"| {info.get('model_type', Path(self.model).name)} | {_mib(info.get('model_size'))} "
+                    f"| {_params(info.get('model_n_params'))} | {info.get('backends', '?')} "
+                    f"| {info.get('n_threads', self.threads)} | {lab} | {t} | {statistics.mean(xs):.2f} ± {sd:.2f} |"
+                )
+        for lab in self.samples:
+            if lab == self.baseline:
+                continue
+            rows += ["", f"| test | t/s {self.baseline} | t/s {lab} | speedup |", "| --- | ---: | ---: | ---: |"]
+            for t in self.tests:
+                base, got = self.median(self.baseline, t), self.median(lab, t)
+                rows.append(f"| {t} | {base:.2f} | {got:.2f} | {self.ratio(lab, t):.3f} |")
         return "\n".join(rows)
+
+
+def _mib(n: object) -> str:
+    return f"{int(n) / 1024 / 1024:.2f} MiB" if isinstance(n, int | float) else "?"
+
+
+def _params(n: object) -> str:
+    if not isinstance(n, int | float):
+        return "?"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def test_name(record: dict) -> str:
@@ -135,8 +162,11 @@ def test_name(record: dict) -> str:
     return f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
 
 
-def run_once(cfg: Config, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> dict[str, float]:
-    """One llama-bench process (``reps`` repetitions after its warm-up): test name -> mean tokens/s."""
+INFO_FIELDS = ("model_type", "model_size", "model_n_params", "backends", "n_threads")
+
+
+def run_records(cfg: Config, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> dict[str, dict]:
+    """One llama-bench process: test name -> its JSON record (avg_ts, stddev_ts, model_type, model_size, ...)."""
     cmd = cfg.argv(model, threads, pp, tg, reps)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -146,7 +176,7 @@ def run_once(cfg: Config, model: Path, threads: int, pp: int, tg: int, reps: int
         records = json.loads(proc.stdout)
     except ValueError as e:
         raise BenchError(f"{cfg.label}: llama-bench printed no JSON ({e}): {proc.stdout[:300]!r}") from None
-    return {test_name(r): float(r["avg_ts"]) for r in records}
+    return {test_name(r): r for r in records}
 
 
 def compare(
@@ -176,12 +206,14 @@ def compare(
         for k, cfg in enumerate(order):
             if progress:
                 progress(f"round {r + 1}/{rounds}, {k + 1}/{len(order)}: {cfg.label}")
-            got = run_once(cfg, model, threads, pp, tg, reps)
+            got = run_records(cfg, model, threads, pp, tg, reps)
             missing = [t for t in tests if t not in got]
             if missing:
                 raise BenchError(f"{cfg.label}: llama-bench reported {sorted(got)}, not {missing}")
             for t in tests:
-                res.samples[cfg.label][t].append(got[t])
+                res.samples[cfg.label][t].append(float(got[t]["avg_ts"]))
+            first = got[tests[0]]
+            res.info.setdefault(cfg.label, {k: first[k] for k in INFO_FIELDS if k in first})
     return res
 
 

@@ -134,6 +134,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ):
         print("numa-llama: --rounds, --reps and --threads must be >= 1, -p/-n >= 0 and not both 0", file=sys.stderr)
         return 2
+    if args.bandwidth_mib < 1:
+        print("numa-llama: --bandwidth-mib must be >= 1", file=sys.stderr)
+        return 2
     model = _model(args.model)
     if model is None:
         return 2
@@ -194,17 +197,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sweep_threads:
         return _bench_sweep(results, args.json, args.markdown)
     res = results[0]
+    roof, roof_error = _bench_roofline(res, model, args.bandwidth_mib, log) if args.tg else (None, None)
     if args.markdown:
         Path(args.markdown).write_text(res.markdown() + "\n")
     if args.json:
-        print(json.dumps(res.as_dict(), indent=2))
-        return 0
+        print(json.dumps({**res.as_dict(), "roofline": roof, "roofline_error": roof_error}, indent=2))
+        return 1 if roof_error else 0
     print(
         f"model {Path(res.model).name}, {_threads(res.threads)}, {res.rounds} interleaved rounds "
         f"(medians; ratios are medians of within-round ratios)"
     )
     print(res.markdown())
+    if roof:
+        per = ", ".join(f"{lab} {v['tokens_per_s']:.2f} t/s = {v['percent']:.1f}%" for lab, v in roof["runs"].items())
+        print(
+            f"roofline {roof['test']}: {roof['gb_s']:.2f} GB/s ({roof['bandwidth_of']}) / "
+            f"{roof['bytes_per_token'] / 1e6:.2f} MB per token (weights {roof['weights_bytes'] / 1e6:.2f} MB"
+            f"{', the tied output embedding included' if roof['tied_output'] else ''}; KV cache at position "
+            f"{roof['kv_position']:g}) = {roof['tokens_per_s']:.2f} t/s; {per}"
+        )
+    if roof_error:
+        print(f"numa-llama: roofline: {roof_error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _bench_roofline(res, model: Path, mib: int, log) -> tuple[dict | None, str | None]:
+    """tg as a percentage of the decode roofline: the measured bandwidth over the bytes a token reads."""
+    from numa_llama import roofline  # noqa: PLC0415
+    from numa_llama.kernel import NumaError  # noqa: PLC0415
+
+    test = next((t for t in res.tests if t.startswith("tg")), None)
+    if test is None:
+        return None, None
+    try:
+        log("measuring the read bandwidth for the roofline")
+        matrix = roofline.measure(mib_per_thread=mib, repeats=3)
+        tb = roofline.token_bytes(model)
+        # llama-bench's tg test decodes from an empty cache: on average the KV cache holds half of its tokens
+        position = int(test[2:]) / 2
+        nodes = matrix.cpu_nodes
+        of = f"node {nodes[0]} reading itself" if len(nodes) == 1 else "every node reading itself, summed"
+        limit = roofline.roofline_tokens_per_s(matrix.local(), tb.at(position))
+        runs = {}
+        for lab in res.samples:
+            tps = res.median(lab, test)
+            runs[lab] = {"tokens_per_s": tps, "percent": roofline.percent_of_roofline(tps, limit)}
+    except (roofline.RooflineError, NumaError, OSError) as e:
+        return None, str(e)
+    return {
+        "test": test,
+        "gb_s": matrix.local(),
+        "bandwidth_of": of,
+        "bandwidth": matrix.as_dict(),
+        "bytes_per_token": tb.at(position),
+        "weights_bytes": tb.weights,
+        "kv_bytes_per_position": tb.kv_per_position,
+        "kv_position": position,
+        "tied_output": tb.tied_output,
+        "tokens_per_s": limit,
+        "runs": runs,
+    }, None
 
 
 def _threads(n: int) -> str:
@@ -289,12 +342,25 @@ def cmd_topology(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         print("numa-llama: --threads must be >= 1", file=sys.stderr)
         return 2
+    if args.bandwidth and (args.bandwidth_mib < 1 or args.bandwidth_repeats < 1):
+        print("numa-llama: --bandwidth-mib and --bandwidth-repeats must be >= 1", file=sys.stderr)
+        return 2
     try:
         topo = read_topology()
         lay = planning.system_layout(args.threads, topo)
     except (TopologyError, ValueError) as e:
         print(f"numa-llama: {e}", file=sys.stderr)
         return 2
+    matrix = None
+    if args.bandwidth:
+        from numa_llama import roofline  # noqa: PLC0415
+        from numa_llama.kernel import NumaError  # noqa: PLC0415
+
+        try:
+            matrix = roofline.measure(topo, args.bandwidth_mib, args.bandwidth_repeats)
+        except (roofline.RooflineError, NumaError) as e:
+            print(f"numa-llama: bandwidth: {e}", file=sys.stderr)
+            return 1
     if args.json:
         print(
             json.dumps(
@@ -304,6 +370,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
                         "threads": lay.n_threads,
                         "per_node": {str(n): t for n, t in zip(lay.node_ids, lay.threads, strict=True)},
                     },
+                    **({"bandwidth": matrix.as_dict()} if matrix else {}),
                 },
                 indent=2,
             )
@@ -331,6 +398,13 @@ def cmd_topology(args: argparse.Namespace) -> int:
     )
     per_node = ", ".join(f"node {n}: {t}" for n, t in zip(lay.node_ids, lay.threads, strict=True) if t)
     print(f"--numa migrate with {lay.n_threads} thread(s): {per_node}")
+    if matrix:
+        print(
+            f"read bandwidth, GB/s: median (min-max) of {matrix.repeats} repeats, "
+            f"{matrix.mib_per_thread} MiB x {matrix.passes} passes per thread"
+        )
+        print(matrix.table())
+        print(f"method: {matrix.METHOD}")
     return 0
 
 
@@ -530,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on a multi-node machine, do not add the one-node baseline (numactl -m 0 -N 0)",
     )
+    b.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=256,
+        help="MiB each thread streams to measure the bandwidth of the roofline (default: 256)",
+    )
     b.add_argument("--markdown", help="also write the table to this file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
@@ -539,6 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
         "thread layout --numa migrate would choose",
     )
     topo.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every usable CPU)")
+    topo.add_argument(
+        "--bandwidth",
+        action="store_true",
+        help="also measure the node x node read-bandwidth matrix (GB/s: median and min-max of the repeats)",
+    )
+    topo.add_argument(
+        "--bandwidth-mib", type=int, default=256, help="MiB each thread streams in the bandwidth matrix (default: 256)"
+    )
+    topo.add_argument("--bandwidth-repeats", type=int, default=5, help="repeats of each bandwidth cell (default: 5)")
     topo.add_argument("--json", action="store_true")
     topo.set_defaults(func=cmd_topology)
     pl = sub.add_parser(

@@ -49,6 +49,7 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
         (["--reps", "0"], "--rounds, --reps and --threads must be >= 1"),
         (["-p", "0", "-n", "0"], "not both 0"),
         (["-t", "0"], "--rounds, --reps and --threads must be >= 1"),
+        (["--bandwidth-mib", "0"], "--bandwidth-mib must be >= 1"),
     ],
 )
 def test_bad_arguments_are_clear_errors(args: list[str], says: str) -> None:
@@ -73,7 +74,7 @@ def test_a_tiny_bench_runs_in_every_ci_run(patched_bench: Path) -> None:
     range: a ratio outside 0.5-2 is a broken measurement, not a slow build."""
     proc = numa_llama(
         "bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "-t", "2",
-        "--rounds", "1", "-r", "1", "-p", "16", "-n", "4", "--json",
+        "--rounds", "1", "-r", "1", "-p", "16", "-n", "4", "--bandwidth-mib", "64", "--json",
         env={"GGML_CPU_NUMA_VIRTUAL": "2"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,6 +87,18 @@ def test_a_tiny_bench_runs_in_every_ci_run(patched_bench: Path) -> None:
     ratios = out["ratio_to_baseline"]["patched-migrate"]
     assert set(ratios) == {"pp16", "tg4"}
     assert all(math.isfinite(r) and 0.5 <= r <= 2.0 for r in ratios.values()), ratios
+    # tg4 as a share of the roofline: this machine's measured bandwidth over the bytes a token reads
+    roof = out["roofline"]
+    assert out["roofline_error"] is None
+    assert roof["test"] == "tg4" and roof["kv_position"] == 2 and roof["tied_output"]
+    assert roof["bytes_per_token"] == roof["weights_bytes"] + 2 * roof["kv_bytes_per_position"]
+    assert roof["tokens_per_s"] == pytest.approx(roof["gb_s"] * 1e9 / roof["bytes_per_token"])
+    assert set(roof["runs"]) == {"patched-off", "patched-migrate"}
+    for lab, run in roof["runs"].items():
+        assert run["tokens_per_s"] == out["median_tokens_per_s"][lab]["tg4"]
+        assert 0 < run["percent"] <= 100 and run["percent"] == pytest.approx(
+            100 * run["tokens_per_s"] / roof["tokens_per_s"]
+        )
 
 
 @pytest.mark.model
@@ -124,8 +137,13 @@ def test_interleaved_runs_give_medians_and_ratios(patched_bench: Path, tmp_path:
     ratios = out["ratio_to_baseline"]["patched-migrate"]
     assert set(ratios) == {"pp32", "tg8"} and all(r > 0 for r in ratios.values())
     table = md.read_text().splitlines()
-    assert table[0] == "| configuration | pp32 t/s | tg8 t/s | pp32 ÷ patched-off | tg8 ÷ patched-off |"
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["patched-off", "patched-migrate"]
+    assert table[0] == "| model | size | params | backend | threads | build | test | t/s |"
+    rows = [row.split("|") for row in table[2:6]]
+    assert [(r[6].strip(), r[7].strip()) for r in rows] == [
+        (lab, t) for lab in ("patched-off", "patched-migrate") for t in ("pp32", "tg8")
+    ]
+    assert all(r[1].strip().startswith("gemma3") and r[4].strip() == "CPU" and r[5].strip() == "2" for r in rows)
+    assert table[7] == "| test | t/s patched-off | t/s patched-migrate | speedup |"
 
 
 @pytest.mark.model
@@ -196,3 +214,29 @@ def test_one_node_baseline_runs_under_numactl_with_that_nodes_cpus() -> None:
     argv = cfg.argv(Path("m.gguf"), 48, 512, 128, 3)
     assert argv[:5] == ["numactl", "-m", "1", "-N", "1"] and argv[5] == "/x/llama-bench"
     assert argv[argv.index("-t") + 1] == "12" and "--numa" not in argv
+
+
+def test_the_tables_are_llama_benchs_and_compare_llama_benchs() -> None:
+    """llama-bench's columns (t/s as mean ± sd of the rounds), then compare-llama-bench.py's form per config."""
+    info = {"model_type": "gemma3 270M Q4_K - Medium", "model_size": 253_145_088, "model_n_params": 268_098_176}
+    res = bench.Result(
+        "m.gguf",
+        2,
+        2,
+        "stock",
+        ["pp512", "tg128"],
+        {
+            "stock": {"pp512": [400.0, 420.0], "tg128": [80.0, 70.0]},
+            "patched-migrate": {"pp512": [440.0, 420.0], "tg128": [88.0, 84.0]},
+        },
+        {lab: {**info, "backends": "CPU", "n_threads": 2} for lab in ("stock", "patched-migrate")},
+    )
+    lines = res.markdown().splitlines()
+    assert lines[0] == "| model | size | params | backend | threads | build | test | t/s |"
+    assert (
+        lines[2] == "| gemma3 270M Q4_K - Medium | 241.42 MiB | 268.10 M | CPU | 2 | stock | pp512 | 410.00 ± 14.14 |"
+    )
+    assert lines[5].endswith("| patched-migrate | tg128 | 86.00 ± 2.83 |")
+    assert lines[7] == "| test | t/s stock | t/s patched-migrate | speedup |"
+    # the speedup is the median of the within-round ratios (1.1 and 1.0 -> 1.05; 1.1 and 1.2 -> 1.15)
+    assert lines[9:] == ["| pp512 | 410.00 | 430.00 | 1.050 |", "| tg128 | 75.00 | 86.00 | 1.150 |"]
