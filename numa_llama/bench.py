@@ -13,6 +13,7 @@ checkout: the patched tree, and the stock tree at the same pinned commit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -251,7 +252,16 @@ def instructions(cfg: Config, model: Path, n_gen: int) -> int:
     """Instructions callgrind counts for one llama-bench process generating ``n_gen`` tokens (1 thread)."""
     if shutil.which("valgrind") is None:
         raise BenchError("--callgrind needs valgrind (apt-get install valgrind)")
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cfg.argv(model, 1, 0, n_gen, 1)]
+    # the prefix (env VAR=..., numactl ...) runs valgrind: under valgrind it would be what is counted, since
+    # valgrind does not follow the exec into llama-bench
+    bare = dataclasses.replace(cfg, prefix=())
+    cmd = [
+        *cfg.prefix,
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        *bare.argv(model, 1, 0, n_gen, 1),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"Collected : (\d+)", proc.stderr)
     if proc.returncode != 0 or m is None:

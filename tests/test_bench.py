@@ -240,3 +240,20 @@ def test_the_tables_are_llama_benchs_and_compare_llama_benchs() -> None:
     assert lines[7] == "| test | t/s stock | t/s patched-migrate | speedup |"
     # the speedup is the median of the within-round ratios (1.1 and 1.0 -> 1.05; 1.1 and 1.2 -> 1.15)
     assert lines[9:] == ["| pp512 | 410.00 | 430.00 | 1.050 |", "| tg128 | 75.00 | 86.00 | 1.150 |"]
+
+
+def test_callgrind_counts_llama_bench_not_the_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--virtual runs migrate under `env GGML_CPU_NUMA_VIRTUAL=N`: valgrind must run inside it, or it counts env
+    (valgrind does not follow exec) and finds no total."""
+    seen: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "==1== Collected : 12345\n")
+
+    monkeypatch.setattr(bench.shutil, "which", lambda _: "/usr/bin/valgrind")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    cfg = bench.Config("m", Path("/x/llama-bench"), "migrate", prefix=("env", "GGML_CPU_NUMA_VIRTUAL=2"))
+    assert bench.instructions(cfg, Path("m.gguf"), 8) == 12345
+    assert seen[0][:3] == ["env", "GGML_CPU_NUMA_VIRTUAL=2", "valgrind"]
+    assert seen[0][seen[0].index("valgrind") + 3] == "/x/llama-bench" and seen[0][-2:] == ["--numa", "migrate"]
