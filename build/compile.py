@@ -11,7 +11,8 @@ on our build machines cpuid and XCR0 advertise AMX but AMX instructions raise
 SIGILL. So before building, every variant's instruction set is *executed* in a
 child process (``cpu_probe.c``); a variant whose probe dies is never built, and
 the build says so. Of the variants that run, the best one is built, plus
-``sse42``, the variant that runs fast under QEMU TCG in the multi-node guest.
+``sse42``, the variant that runs fast under QEMU TCG in the multi-node guest,
+and ``haswell``, the first with CPU_REPACK, for the guests' repack scenario.
 ``NUMA_LLAMA_CPU_VARIANTS=a,b`` chooses others (still probed), and
 ``CMAKE_ARGS`` is honoured as llama-cpp-python honours it. The probe is a
 first filter only: ``package.py`` then runs each built variant's own kernels.
@@ -52,6 +53,9 @@ FEATURE_FLAGS = {
     "AMX_BF16": ["-mamx-bf16"],
 }
 GUEST_VARIANT = "sse42"
+# the first x86 variant with CPU_REPACK (AVX2), which QEMU TCG also runs: the guests' repack scenario
+# (numa-llama bench --scenarios repack) loads it; built beside the best where it runs here
+REPACK_VARIANT = "haswell"
 BASE_TARGETS = ["llama", "ggml", "ggml-base", "mtmd"]
 
 
@@ -163,7 +167,7 @@ def probe(variant: Variant, cc: str = "cc", workdir: Path | None = None) -> Vari
 
 
 def choose_variants(variants: list[Variant], wanted: list[str] | None, log=print) -> list[str]:
-    """Probe, then return the variants to build (best that runs + sse42, or ``wanted``)."""
+    """Probe, then return the variants to build (best that runs + sse42 + haswell, or ``wanted``)."""
     for v in variants:
         probe(v)
     runnable = [v for v in variants if v.runs]
@@ -187,11 +191,11 @@ def choose_variants(variants: list[Variant], wanted: list[str] | None, log=print
         # ggml's loader scores a variant by the features it needs; the most
         # demanding variant that runs here is the one it should pick here.
         best = max(runnable, key=lambda v: (len(v.features), variants.index(v)))
-        chosen = [best.name] + (
-            [GUEST_VARIANT]
-            if best.name != GUEST_VARIANT and any(v.name == GUEST_VARIANT and v.runs for v in variants)
-            else []
-        )
+        chosen = [best.name] + [
+            extra
+            for extra in (GUEST_VARIANT, REPACK_VARIANT)
+            if extra != best.name and any(v.name == extra and v.runs for v in variants)
+        ]
     if not chosen:
         raise BuildError("none of the requested CPU variants executes on this machine")
     log(f"-- cpu probe: building CPU variant(s) {', '.join(chosen)}")
