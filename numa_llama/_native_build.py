@@ -104,6 +104,12 @@ int64_t nl_type_block(int type);
 size_t  nl_row_bytes(int type, int64_t ne0);
 const char * nl_type_name(int type);
 
+/* the weights a graph's matrix products read: a ggml_backend_sched_eval_callback that records src0 of every
+   MUL_MAT and MUL_MAT_ID (each weight once, by address) and asks for nothing, so the graph runs unsplit */
+bool nl_matmul_weights_cb(void * tensor, bool ask, void * user_data); /* a struct ggml_tensor * */
+void nl_matmul_weights_reset(void);
+int  nl_matmul_weight(size_t i, char * name, size_t name_len, uintptr_t * data, int64_t * ne, size_t * nb);
+
 /* the weight harness */
 struct nl_weight;
 struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2,
@@ -238,6 +244,26 @@ static void * nl_stream_main(void * arg) {
             }
             if (__atomic_load_n(&s->error, __ATOMIC_SEQ_CST) == 0) {
                 memset(p, 1, s->bytes); /* fault every page in, where the policy says */
+                if (s->mem_node >= 0) {
+                    /* ask the kernel where 64 pages spread over the buffer are: a cell is what it says it is */
+                    void *       pages[64];
+                    int          status[64];
+                    const size_t page = (size_t) sysconf(_SC_PAGESIZE), n_pages = s->bytes / page;
+                    const int    n    = n_pages < 64 ? (int) n_pages : 64;
+                    for (int k = 0; k < n; ++k) {
+                        pages[k] = (char *) p + (n_pages - 1) * k / (n > 1 ? n - 1 : 1) * page;
+                    }
+                    if (syscall(SYS_move_pages, 0, (unsigned long) n, pages, NULL, status, 0) != 0) {
+                        nl_stream_fail(s, -errno, "move_pages");
+                    } else {
+                        for (int k = 0; k < n; ++k) {
+                            if (status[k] != s->mem_node) {
+                                nl_stream_fail(s, -EFAULT, "a page bound to the node is not on it (move_pages)");
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -564,6 +590,64 @@ int nl_weight_mul(struct nl_weight * w, int n_threads, int n_cols, const float *
     p_ggml_backend_buffer_free(buf);
     p_ggml_free(ctx);
     return st == GGML_STATUS_SUCCESS ? 0 : -EIO;
+}
+
+#define NL_MM_MAX 8192
+static struct {
+    char      name[GGML_MAX_NAME];
+    uintptr_t data;
+    int64_t   ne[4];
+    size_t    nb[4];
+} g_mm[NL_MM_MAX];
+static size_t g_mm_n;
+static int    g_mm_overflow;
+
+bool nl_matmul_weights_cb(void * tensor, bool ask, void * user_data) {
+    const struct ggml_tensor * t = tensor;
+    (void) user_data;
+    if (!ask || (t->op != GGML_OP_MUL_MAT && t->op != GGML_OP_MUL_MAT_ID) || t->src[0] == NULL) {
+        return false;
+    }
+    const struct ggml_tensor * w = t->src[0];
+    for (size_t i = 0; i < g_mm_n; i++) {
+        if (g_mm[i].data == (uintptr_t) w->data) {
+            return false;
+        }
+    }
+    if (g_mm_n == NL_MM_MAX) {
+        g_mm_overflow = 1;
+        return false;
+    }
+    snprintf(g_mm[g_mm_n].name, sizeof g_mm[g_mm_n].name, "%s", w->name);
+    g_mm[g_mm_n].data = (uintptr_t) w->data;
+    for (int k = 0; k < 4; k++) {
+        g_mm[g_mm_n].ne[k] = w->ne[k];
+        g_mm[g_mm_n].nb[k] = w->nb[k];
+    }
+    g_mm_n++;
+    return false;
+}
+
+void nl_matmul_weights_reset(void) {
+    g_mm_n        = 0;
+    g_mm_overflow = 0;
+}
+
+/* 1 and the i-th weight, 0 past the end, -EOVERFLOW if more weights were seen than recorded */
+int nl_matmul_weight(size_t i, char * name, size_t name_len, uintptr_t * data, int64_t * ne, size_t * nb) {
+    if (g_mm_overflow) {
+        return -EOVERFLOW;
+    }
+    if (i >= g_mm_n) {
+        return 0;
+    }
+    snprintf(name, name_len, "%s", g_mm[i].name);
+    *data = g_mm[i].data;
+    for (int k = 0; k < 4; k++) {
+        ne[k] = g_mm[i].ne[k];
+        nb[k] = g_mm[i].nb[k];
+    }
+    return 1;
 }
 
 uintptr_t nl_weight_data(struct nl_weight * w) { return (uintptr_t) w->w->data; }

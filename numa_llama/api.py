@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from numa_llama import hooks, kernel, sysfs
 from numa_llama._build import require_patched_llama_cpp
-from numa_llama.decode import Locality, Weight, decode_locality, mapped_weights, weights_locality
+from numa_llama.decode import Locality, Weight, mapped_weights, weights_locality
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -169,20 +169,63 @@ def locality(llm: Llama) -> Locality:
             f"locality: numa={strategy!r} does not pin threads to nodes on this {len(nodes)}-node "
             "machine, so which node reads which row is not defined; use migrate or distribute"
         )
-    if _mmapped(llm):
-        return decode_locality(llm.model_path, strategy, n_threads)
-    if strategy != "migrate" or not hooks.placements():
-        raise ValueError(
-            "locality: the model is not mmap'd and no weight was placed, so its weights cannot be "
-            "found; load it with use_mmap=True"
-        )
-    return _placed_locality(n_threads)
+    # the weights the graph multiplies by, wherever they are: the file mapping, ggml's buffer without mmap, or a
+    # repacked copy (CPU_REPACK multiplies by that, not by the file's pages)
+    weights = graph_weights(llm)
+    if strategy == "migrate":
+        plans = {p.data: p.slabs for p in hooks.placements()}
+        if not plans:
+            raise ValueError(
+                "locality: migrate placed no weight here (stats().not_placed says why), so no thread has a plan"
+            )
+        return weights_locality("migrate", tuple(hooks.layout(n_threads)), [(w, plans.get(w.address)) for w in weights])
+    thread_node = tuple(nodes[i % len(nodes)] for i in range(n_threads))  # stock: thread i on node i mod N
+    return weights_locality("distribute", thread_node, [(w, None) for w in weights])
 
 
-def _placed_locality(n_threads: int) -> Locality:
-    """decode_locality for migrate from the placed weights (no mmap: the series' records give the addresses)."""
-    weights = [(Weight(p.name, p.data, p.n_rows, p.row_bytes, p.n_matrices), p.slabs) for p in hooks.placements()]
-    return weights_locality("migrate", tuple(hooks.layout(n_threads)), weights)
+def graph_weights(llm: Llama) -> list[Weight]:
+    """The weights that one decode step's matrix products read, wherever ggml keeps them.
+
+    A second, small context on ``llm``'s model decodes one token with an eval callback
+    (``cb_eval``, ggml's scheduler hook) that records ``src[0]`` of every ``MUL_MAT`` and
+    ``MUL_MAT_ID`` node: the weight's name, address and shape. That finds weights that no file
+    mapping shows: loaded without mmap into ggml's own buffer, or repacked (``CPU_REPACK``). The
+    callback asks for no tensor, so the graph runs as it does without it.
+    """
+    import ctypes  # noqa: PLC0415
+
+    import llama_cpp  # noqa: PLC0415
+
+    from numa_llama.kernel import ffi, lib  # noqa: PLC0415
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 16
+    params.n_threads = params.n_threads_batch = int(llm.context_params.n_threads)
+    callback = int(ffi.cast("uintptr_t", ffi.addressof(lib, "nl_matmul_weights_cb")))
+    params.cb_eval = ctypes.cast(callback, llama_cpp.ggml_backend_sched_eval_callback)
+    lib.nl_matmul_weights_reset()
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise ValueError("locality: llama.cpp could not make a second context to find the weights")
+    try:
+        token = (llama_cpp.llama_token * 1)(llm.token_bos() if llm.token_bos() >= 0 else 0)
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token, 1))
+        if rc != 0:
+            raise ValueError(f"locality: decoding one token to find the weights failed (llama_decode: {rc})")
+    finally:
+        llama_cpp.llama_free(ctx)
+    out: list[Weight] = []
+    name = ffi.new("char[]", 128)
+    data = ffi.new("uintptr_t *")
+    ne = ffi.new("int64_t[4]")
+    nb = ffi.new("size_t[4]")
+    while (rv := lib.nl_matmul_weight(len(out), name, 128, data, ne, nb)) == 1:
+        out.append(Weight(ffi.string(name).decode(), int(data[0]), int(ne[1]), int(nb[1]), int(ne[2])))
+    if rv < 0:
+        raise ValueError("locality: the graph multiplies by more weights than numa_llama records (8192)")
+    if not out:
+        raise ValueError("locality: the decode graph multiplied by no weight")
+    return out
 
 
 @dataclass(frozen=True)
