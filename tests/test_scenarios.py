@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import numa_nodes, run_json
+from conftest import run_json
 
 from numa_llama import scenarios
 from numa_llama.sysfs import read_topology
@@ -141,7 +141,7 @@ def test_warm_on_node_0_stock_loses_what_migrate_keeps(synthetic_model: Path) ->
     assert d["pages_moved"] == 0 and d["page_share"].get(str(first), 0) >= 0.99
     m = cells["migrate"]
     assert min(m["per_thread"]) >= 0.995 and m["pages_moved"] > 0 and m["pages_failed"] == 0
-    assert len(set(m["thread_node"])) == numa_nodes() or len(set(m["thread_node"])) >= 2
+    assert len(set(m["thread_node"])) >= 2  # threads on both nodes: the case where stock loses
     assert cells["numactl"]["locality"] is None  # threads not pinned: no per-thread answer, the page share instead
     assert sum(cells["numactl"]["page_share"].values()) == pytest.approx(1.0)
     iso = cells["isolate"]
