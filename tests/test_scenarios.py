@@ -105,18 +105,54 @@ def test_the_table_names_a_text_that_differs() -> None:
     common = dict(threads=4, load_s=1.0, first_s=0.5, pages=0, pages_moved=0, pages_failed=0, place_s=0.0)
     a = scenarios.Cell(
         "warm", "distribute", text=" Paris", locality=0.5, per_thread=[1.0, 0.0], thread_node=[0, 1],
-        page_share={"0": 1.0}, **common,
+        page_share={"0": 1.0}, unanswered=0.125, **common,
     )  # fmt: skip
     b = scenarios.Cell(
         "warm", "numactl", text=" Lyon", locality=None, per_thread=None, thread_node=None,
         page_share={"0": 0.5, "1": 0.5}, prefix=["numactl", "--interleave=all"], **common,
     )  # fmt: skip
     rows = scenarios.table([a, b]).splitlines()
-    assert rows[2] == "| warm | distribute | 50.00% | 0.00% | 0: 100.0% | 0 | 1.00 | same |"
+    assert rows[2] == "| warm | distribute | 50.00% | 0.00% | 0: 100.0% | 12.50% | 0 | 1.00 | same |"
     assert rows[3] == (
-        "| warm | numactl (under numactl --interleave=all) | — | — | 0: 50.0% / 1: 50.0% | 0 | 1.00 "
+        "| warm | numactl (under numactl --interleave=all) | — | — | 0: 50.0% / 1: 50.0% | 0.00% | 0 | 1.00 "
         "| DIFFERS: ' Lyon' |"
     )
+
+
+COUNT_UNANSWERED = """
+import json, sys
+from pathlib import Path
+from numa_llama import kernel, scenarios
+real = kernel.page_nodes
+seen = {"asked": 0, "refused": 0}
+def every_third_refused(addresses):
+    out = real(addresses)
+    for i in range(len(out)):
+        seen["asked"] += 1
+        if seen["asked"] % 3 == 0:
+            out[i] = -14
+            seen["refused"] += 1
+    return out
+kernel.page_nodes = every_third_refused
+cell = scenarios.measure(Path(sys.argv[1]), "isolate", 1, True)
+print(json.dumps({"cell": cell, **seen}))
+"""
+
+
+def test_pages_the_kernel_does_not_answer_for_are_counted_apart(synthetic_model: Path) -> None:
+    """A page move_pages answers -EFAULT or -ENOENT for (NUMA balancing sampling it, in the guests) is counted in
+    ``unanswered`` and left out of the node shares; here the kernel's answer is refused for every third page."""
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", COUNT_UNANSWERED, str(synthetic_model)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    cell = out["cell"]
+    assert out["asked"] >= 1000 and out["refused"] == out["asked"] // 3
+    assert cell["unanswered"] == out["refused"] / out["asked"]
+    assert sum(cell["page_share"].values()) == pytest.approx(1.0)
+    assert cell["per_thread"] == [pytest.approx(1.0 - out["refused"] / out["asked"], abs=0.01)]
 
 
 @pytest.mark.numa_guest
