@@ -278,6 +278,15 @@ def _bench_scenarios(args: argparse.Namespace) -> int:
             f"numa-llama: {c.scenario} / {c.strategy}: the text differs from the first cell's of that model",
             file=sys.stderr,
         )
+    if any(c.numa_balancing for c in cells):
+        worst = max(cells, key=lambda c: c.unanswered)
+        print(
+            "numa-llama: kernel.numa_balancing is on: the kernel moves pages toward the threads that touch them and "
+            "does not answer for pages it is sampling (counted not local; the most: "
+            f"{100 * worst.unanswered:.2f}% in {worst.scenario} / {worst.strategy}); "
+            "sysctl kernel.numa_balancing=0 to measure without it",
+            file=sys.stderr,
+        )
     return 1 if differ else 0
 
 
@@ -734,10 +743,42 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--png", help="draw each weight's pages, coloured by node, into this PNG file")
     ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=cmd_verify)
+    fc = sub.add_parser(
+        "forecast",
+        help="a forecast, not a measurement: the share of the decode roofline each scenario cell would reach on a "
+        "2-socket server, from a bench --scenarios --json result and the server's published peak bandwidths",
+    )
+    fc.add_argument("result", help="the output of numa-llama bench --scenarios ... --json, from 2 nodes")
+    fc.add_argument(
+        "--platform",
+        action="append",
+        help="a platform's key (default: every one): " + ", ".join(sorted(_forecast_platforms())),
+    )
+    fc.add_argument("--json", action="store_true")
+    fc.set_defaults(func=cmd_forecast)
     info = sub.add_parser("info", help="the pin, the patches and the CPU backend of this build")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
     return ap
+
+
+def _forecast_platforms() -> list[str]:
+    from numa_llama.forecast import PLATFORMS  # noqa: PLC0415
+
+    return list(PLATFORMS)
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from numa_llama import forecast  # noqa: PLC0415
+
+    unknown = [k for k in args.platform or [] if k not in forecast.PLATFORMS]
+    if unknown:
+        print(
+            f"numa-llama: forecast: unknown platform {', '.join(unknown)}; known: {', '.join(forecast.PLATFORMS)}",
+            file=sys.stderr,
+        )
+        return 2
+    return forecast.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
