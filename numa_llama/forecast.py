@@ -172,17 +172,15 @@ def table(rows: Sequence[dict], platforms: Sequence[Platform]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``numa-llama forecast RESULT.json [--platform KEY ...] [--json]``."""
-    ap = argparse.ArgumentParser(prog="numa-llama forecast")
-    ap.add_argument("result", help="the output of numa-llama bench --scenarios ... --json, from 2 nodes")
-    ap.add_argument("--platform", action="append", choices=sorted(PLATFORMS), help="default: every platform")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    return run(args)
-
-
 def run(args: argparse.Namespace) -> int:
+    """``numa-llama forecast RESULT.json [--platform KEY ...] [--json]``: bad input is one line, exit 2."""
+    unknown = [k for k in args.platform or [] if k not in PLATFORMS]
+    if unknown:
+        print(
+            f"numa-llama: forecast: unknown platform {', '.join(unknown)}; known: {', '.join(PLATFORMS)}",
+            file=sys.stderr,
+        )
+        return 2
     platforms = [PLATFORMS[k] for k in (args.platform or sorted(PLATFORMS))]
     try:
         result = json.loads(Path(args.result).read_text())
@@ -199,7 +197,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(table(rows, platforms))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

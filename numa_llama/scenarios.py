@@ -275,12 +275,14 @@ def run(
     if not model.is_file():
         raise ScenarioError(f"model {model}: no such file")
     check_machine(scenarios, strategies)
-    nodes = read_topology().compute_nodes()
+    topo = read_topology()
+    nodes = topo.compute_nodes()
     threads = threads or sum(len(n.usable_cpus) for n in nodes)
     first = nodes[0].id
     cells: list[Cell] = []
     repack_model = _repack_model() if "repack" in scenarios else None
-    balancing = numa_balancing()
+    setting = topo.numa_balancing or ""
+    balancing = int(setting) if setting.isdigit() else None
     for sc in scenarios:
         for st in strategies:
             drop_caches()
@@ -311,14 +313,6 @@ def run(
                 f"{cell.pages_moved} pages moved, load {cell.load_s:.1f} s"
             )
     return cells
-
-
-def numa_balancing() -> int | None:
-    """``kernel.numa_balancing`` (0 off, 1 on, 2 memory tiering), or None where the kernel has no such setting."""
-    try:
-        return int(Path("/proc/sys/kernel/numa_balancing").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _repack_model() -> Path:
