@@ -74,23 +74,26 @@ def format_series(tree: Path, scratch: Path, exe: str, log=print) -> tuple[str, 
             subject = git(tree, "log", "-1", "--format=%s", commit)
             git(scratch, "checkout", "-q", "--detach", "-f", commit)
             files = added_files(tree, commit)
-            proc = run_git(
-                scratch,
-                "clang-format",
-                "--binary",
-                exe,
-                "--extensions",
-                ",".join(CLANG_FORMAT_EXTENSIONS),
-                "-q",
-                "-f",
-                BASE_TAG,
-                "--",
-                *files,
-                check=False,
-                env_extra=git_clang_format_env(exe),
-            )
-            if proc.returncode not in (0, 1) or "not a git command" in proc.stderr:  # 1: it changed files
-                raise SystemExit(f"git clang-format on {subject}: {proc.stderr.strip() or proc.stdout.strip()}")
+            # a patch that adds no file is left as it is: with no paths, git clang-format would re-format every line
+            # the prefix changes in upstream's files (0001's AMX tile table, say), which follow the code around them
+            if files:
+                proc = run_git(
+                    scratch,
+                    "clang-format",
+                    "--binary",
+                    exe,
+                    "--extensions",
+                    ",".join(CLANG_FORMAT_EXTENSIONS),
+                    "-q",
+                    "-f",
+                    BASE_TAG,
+                    "--",
+                    *files,
+                    check=False,
+                    env_extra=git_clang_format_env(exe),
+                )
+                if proc.returncode not in (0, 1) or "not a git command" in proc.stderr:  # 1: it changed files
+                    raise SystemExit(f"git clang-format on {subject}: {proc.stderr.strip() or proc.stdout.strip()}")
             git(scratch, "add", "-u")
             new_tree = git(scratch, "write-tree")
             if new_tree != git(tree, "rev-parse", f"{commit}^{{tree}}"):

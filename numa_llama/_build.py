@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -11,7 +12,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-FEATURE = "CPU_NUMA"
+# a hook the series' CPU backend hands out by ggml_backend_reg_get_proc_address (the backend has no feature entry)
+HOOK = "ggml_backend_cpu_numa_stats"
 
 
 class StockLlamaCppError(ImportError):
@@ -29,6 +31,7 @@ class BuildInfo:
     cpu_variants_built: list[str]
     cpu_backend_loaded: str | None
     cpu_features: dict[str, str]
+    cpu_numa_hooks: bool
     library_dir: str
     cmake_args: list[str]
 
@@ -66,6 +69,20 @@ def system_features(lib: ModuleType | None = None) -> dict[str, dict[str, str]]:
     return out
 
 
+def cpu_numa_hooks() -> bool:
+    """Whether the CPU backend that llama_cpp registered hands out the series' hooks (GGML_CPU_NUMA=ON)."""
+    # through libllama, whose libggml holds the registry that llama_cpp filled (a wheel's lib/ has no symlinks, so
+    # libggml.so, which llama_cpp._ggml opens, is another copy of it, with an empty registry); a handle of its own
+    # has function objects of its own, and llama_cpp's argtypes are left alone
+    ggml = ctypes.CDLL(_llama_cpp()._lib._name)
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    reg = ggml.ggml_backend_reg_by_name(b"CPU")
+    return bool(reg) and bool(ggml.ggml_backend_reg_get_proc_address(reg, HOOK.encode()))
+
+
 def _loaded_cpu_backend() -> str | None:
     """The CPU-variant library this process mapped (the kernel's /proc/self/maps, not ours)."""
     try:
@@ -87,9 +104,8 @@ def require_patched_llama_cpp() -> None:
     problems = []
     if not hasattr(lib, "GGML_NUMA_STRATEGY_MIGRATE"):
         problems.append(f"its Python bindings ({where}) are stock llama-cpp-python")
-    cpu = system_features(lib).get("CPU", {})
-    if cpu.get(FEATURE) != "1":
-        problems.append(f"its library ({libdir}) has no CPU backend with {FEATURE}")
+    if not cpu_numa_hooks():
+        problems.append(f"its library ({libdir}) has no CPU backend built with GGML_CPU_NUMA")
     if problems:
         hint = (
             "unset LLAMA_CPP_LIB_PATH, or point it at numa-llama's llama_cpp/lib"
@@ -117,6 +133,7 @@ def build_info() -> BuildInfo:
         cpu_variants_built=rec["cpu_variants"],
         cpu_backend_loaded=_loaded_cpu_backend(),
         cpu_features=system_features(lib).get("CPU", {}),
+        cpu_numa_hooks=cpu_numa_hooks(),
         library_dir=os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(lib.__file__ or ".").parent / "lib"),
         cmake_args=rec["cmake_args"],
     )

@@ -93,6 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU variants built:  {', '.join(info.cpu_variants_built)}")
     print(f"CPU backend loaded:  {info.cpu_backend_loaded}")
     print("CPU features:        " + " ".join(k for k, v in info.cpu_features.items() if v == "1"))
+    print(f"GGML_CPU_NUMA hooks: {'handed out' if info.cpu_numa_hooks else 'none (not the series build)'}")
     print(f"libraries:           {info.library_dir}")
     stock = _stock_distribution()
     if stock:
