@@ -67,6 +67,7 @@ struct ggml_backend_cpu_numa_stats {
     int64_t not_placed;
     int64_t place_ns;
     int64_t tensors_not_local;
+    int64_t huge_pages_split;
     int64_t products_local;
 };
 
@@ -115,6 +116,8 @@ struct nl_weight;
 struct nl_weight * nl_weight_new(const char * name, int type, int64_t ne0, int64_t ne1, int64_t ne2,
                                  const char * buffer_type, char * err, size_t err_len);
 int nl_numa_not_local(size_t i, const char ** name, const char ** buffer_type);
+int nl_numa_unit_nodes(const struct ggml_backend_cpu_numa_placement * placements, size_t n, size_t unit_addr,
+                       size_t unit, size_t page, int * node);
 int      nl_weight_set(struct nl_weight * w, const void * bytes, size_t n);
 int      nl_weight_mul(struct nl_weight * w, int n_threads, int n_cols, const float * x, float * out, char * err,
                        size_t err_len);
@@ -371,6 +374,7 @@ static ggml_backend_cpu_numa_plan_t          p_plan;
 static ggml_backend_cpu_numa_placement_t     p_placement;
 static ggml_backend_cpu_numa_stats_t         p_stats;
 static ggml_backend_cpu_numa_not_local_t     p_not_local;
+static ggml_backend_cpu_numa_unit_nodes_t    p_unit_nodes;
 static ggml_backend_cpu_numa_barrier_stats_t p_barrier_stats;
 
 static void nl_err(char * err, size_t len, const char * fmt, ...) {
@@ -410,6 +414,7 @@ int nl_bind(const char * library, char * err, size_t err_len) {
     NL_HOOK(p_placement, "ggml_backend_cpu_numa_placement")
     NL_HOOK(p_stats, "ggml_backend_cpu_numa_stats")
     NL_HOOK(p_not_local, "ggml_backend_cpu_numa_not_local")
+    NL_HOOK(p_unit_nodes, "ggml_backend_cpu_numa_unit_nodes")
     NL_HOOK(p_barrier_stats, "ggml_backend_cpu_numa_barrier_stats")
     return 0;
 }
@@ -465,6 +470,11 @@ int nl_numa_stats(struct ggml_backend_cpu_numa_stats * stats) {
 
 int nl_numa_not_local(size_t i, const char ** name, const char ** buffer_type) {
     return p_not_local ? (p_not_local(i, name, buffer_type) ? 1 : 0) : -ENOSYS;
+}
+
+int nl_numa_unit_nodes(const struct ggml_backend_cpu_numa_placement * placements, size_t n, size_t unit_addr,
+                       size_t unit, size_t page, int * node) {
+    return p_unit_nodes ? (p_unit_nodes(placements, n, unit_addr, unit, page, node) ? 1 : 0) : -ENOSYS;
 }
 
 int nl_numa_barrier_stats(int n, struct ggml_backend_cpu_numa_barrier_stats * stats, bool reset) {

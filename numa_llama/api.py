@@ -243,6 +243,7 @@ class Stats:
     not_placed: str = ""  # why migrate placed nothing ("": it places), in words (hooks.NOT_PLACED)
     place_seconds: float = 0.0  # wall time spent moving pages, all nodes at once
     not_node_local: tuple[tuple[str, str], ...] = ()  # (weight, buffer type) no node-local kernel multiplies (AMX)
+    huge_pages_split: int = 0  # transparent huge pages that held rows of two nodes, laid out again in base pages
 
     @property
     def pages_per_second(self) -> float | None:
@@ -274,4 +275,5 @@ def stats(llm: Llama | None = None, n_threads: int | None = None) -> Stats:
         hooks.NOT_PLACED.get(st["not_placed"], f"reason {st['not_placed']}"),
         st["place_ns"] / 1e9,
         tuple(hooks.not_local()),
+        st["huge_pages_split"],
     )

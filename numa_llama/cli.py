@@ -592,7 +592,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     print(
         f"placement: {d['pages_off_plan']} slab page(s) off plan, {d['pages_not_present']} not present, "
-        f"{d['pages_boundary']} on slab boundaries; "
+        f"{d['pages_boundary']} on slab boundaries"
+        + (f" ({st.huge_pages_split} huge page(s) laid out again in base pages)" if st.huge_pages_split else "")
+        + "; "
         f"{st.pages_in_place} in place, {st.pages_moved} moved, {st.pages_failed} failed"
         + (" (" + ", ".join(f"{k} {v}" for k, v in st.failed.items() if v) + ")" if st.pages_failed else "")
         + _placing(st)

@@ -21,7 +21,8 @@ from numa_llama.kernel import ffi, lib, page_nodes, page_spans  # noqa: F401  (r
 MAX_SLABS = 64  # GGML_CPU_NUMA_MAX_SLABS
 _STAT_FIELDS = (
     "tensors pages pages_in_place pages_moved pages_failed pages_boundary failed_eacces failed_ebusy "
-    "failed_enomem failed_cpuset failed_other virtual_nodes not_placed place_ns tensors_not_local products_local"
+    "failed_enomem failed_cpuset failed_other virtual_nodes not_placed place_ns tensors_not_local huge_pages_split "
+    "products_local"
 ).split()
 
 
@@ -167,6 +168,41 @@ def plan(
         "ggml_backend_cpu_numa_plan",
     )
     return Split(_split(s), tuple(threads))
+
+
+def unit_nodes(placements: Sequence[Placement], unit_addr: int, unit: int, page: int) -> tuple[bool, list[int]]:
+    """The node placement gives each base page of the huge-page unit at ``unit_addr``.
+
+    ``ggml_backend_cpu_numa_unit_nodes``, by the rows of ``placements``: each
+    page goes to the node whose rows hold
+    most of its bytes, -1 where none do. The flag: the unit's pages belong to
+    two nodes or more, so placement lays it out again in base pages instead of
+    moving it whole. A pure function of its inputs: no memory is touched.
+    """
+    if unit <= 0 or page <= 0 or unit % page or unit_addr % unit:
+        raise ValueError(f"unit_nodes: unit {unit} at {unit_addr:#x}, page {page}: not whole aligned pages")
+    bind()
+    cp = ffi.new("struct ggml_backend_cpu_numa_placement[]", max(1, len(placements)))
+    for c, p in zip(cp, placements, strict=False):
+        c.data = ffi.cast("void *", p.data)
+        c.nbytes = p.nbytes
+        c.row_bytes = p.row_bytes
+        c.matrix_bytes = p.matrix_bytes
+        c.n_rows = p.n_rows
+        c.n_matrices = p.n_matrices
+        c.page_bytes = p.page_bytes
+        if len(p.slabs) > MAX_SLABS:
+            raise ValueError(f"unit_nodes: {p.name} has {len(p.slabs)} slabs (at most {MAX_SLABS})")
+        c.split.n_slabs = len(p.slabs)
+        for k, s in enumerate(p.slabs):
+            c.split.node[k] = s.node
+            c.split.row_begin[k] = s.row_begin
+            c.split.row_begin[k + 1] = s.row_end
+    out = ffi.new("int[]", unit // page)
+    mixed = _call(
+        lib.nl_numa_unit_nodes(cp, len(placements), unit_addr, unit, page, out), "ggml_backend_cpu_numa_unit_nodes"
+    )
+    return mixed == 1, list(out)
 
 
 def not_local() -> list[tuple[str, str]]:

@@ -63,6 +63,7 @@ class Report:
                 "failed": st.pages_failed,
                 "failed_by_reason": st.failed,
                 "boundary": st.pages_boundary,
+                "huge_pages_split": st.huge_pages_split,
                 "seconds": st.place_seconds,
                 "pages_per_second": st.pages_per_second,
                 "not_placed": st.not_placed,

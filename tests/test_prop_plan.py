@@ -23,7 +23,9 @@ ROW_GROUP = 64  # the repack/tiled kernels' row unit that every slab boundary mu
 GGML_MEM_ALIGN = 32  # ggml aligns every tensor's data to this
 # (ggml type id, name): the types llama.cpp's CPU kernels multiply weights in
 TYPES = [(0, "f32"), (1, "f16"), (2, "q4_0"), (8, "q8_0"), (10, "q2_K"), (12, "q4_K"), (14, "q6_K"), (30, "bf16")]
-PAGES = [4096, 2 * 1024 * 1024]  # base pages (mmap'd models), and THP huge pages (ggml's own buffers)
+# the unit a weight is planned in: base pages of x86 (4 KiB) and of arm64 kernels (16 and 64 KiB; the series plans
+# in base pages, for ggml's own buffers too: tests/test_prop_units.py), and a 2 MiB unit, the contract holding for any
+PAGES = [4096, 16384, 65536, 2 * 1024 * 1024]
 
 
 @dataclass(frozen=True)
