@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -781,6 +782,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:  # StockLlamaCppError: one clear line, not a traceback
         print(f"numa-llama: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # `numa-llama plan | head`: the reader has what it wanted
+        # Python flushes stdout again at exit, into the closed pipe: point it at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe's reader stopped
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,28 @@ def test_plan_from_this_system(model_path: Path) -> None:
 def test_bad_arguments_are_clear_errors(args: list[str], message: str) -> None:
     proc = numa_llama(*args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.model
+def test_a_reader_that_stops_early_gets_no_traceback(model_path: Path) -> None:
+    """`numa-llama plan | head -0`: the reader is gone before the table is written; the command ends quietly (141).
+
+    The pipe's read end is closed before the command starts, so its first write meets a broken pipe every time
+    (a reader that takes two lines first races with the command's one flush at exit).
+    """
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.run(
+        [sys.executable, "-m", "numa_llama", "plan", str(model_path), "--nodes", "2"],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    os.close(w)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
 
 
 def test_plan_of_a_missing_model_says_so(tmp_path: Path) -> None:
