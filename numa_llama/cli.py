@@ -778,7 +778,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         require_patched_llama_cpp()
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a reader that is gone shows here, not in the interpreter's last flush (exit 120)
+        return rc
     except ImportError as e:  # StockLlamaCppError: one clear line, not a traceback
         print(f"numa-llama: {e}", file=sys.stderr)
         return 3
