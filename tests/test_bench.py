@@ -70,8 +70,11 @@ def test_a_tiny_bench_runs_in_every_ci_run(patched_bench: Path) -> None:
     """pp16/tg4, one round: the bench code runs end to end in CI (the other real runs are in tox -e bench).
 
     Migrate runs over 2 virtual nodes (on one real node it would run the same code as off), so the node-local
-    paths are what is timed. One round of a 2-core machine is noisy, so the ratio is held only to a sanity
-    range: a ratio outside 0.5-2 is a broken measurement, not a slow build."""
+    paths are what is timed. There, on one real node, the teams take turns (patch 0004: the generic mul_mat
+    shares the threadpool's chunk counter when ggml_is_numa() is false), so migrate's products run on half the
+    threads: 3 rounds of pp64/tg32 measured 0.56 and 0.74 of off. One round of a 2-core machine is noisy too,
+    so the ratio is held only to a sanity range: a ratio outside 0.2-2 is a broken measurement, not a slow
+    build."""
     proc = numa_llama(
         "bench", "--llama-bench", str(patched_bench), "--strategies", "off,migrate", "-t", "2",
         "--rounds", "1", "-r", "1", "-p", "16", "-n", "4", "--bandwidth-mib", "64", "--json",
@@ -86,7 +89,7 @@ def test_a_tiny_bench_runs_in_every_ci_run(patched_bench: Path) -> None:
         assert all(len(v) == 1 and v[0] > 0 and math.isfinite(v[0]) for v in per_test.values()), per_test
     ratios = out["ratio_to_baseline"]["patched-migrate"]
     assert set(ratios) == {"pp16", "tg4"}
-    assert all(math.isfinite(r) and 0.5 <= r <= 2.0 for r in ratios.values()), ratios
+    assert all(math.isfinite(r) and 0.2 <= r <= 2.0 for r in ratios.values()), ratios
     # tg4 as a share of the roofline: this machine's measured bandwidth over the bytes a token reads
     roof = out["roofline"]
     assert out["roofline_error"] is None
