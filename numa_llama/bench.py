@@ -163,7 +163,7 @@ def test_name(record: dict) -> str:
     return f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
 
 
-INFO_FIELDS = ("model_type", "model_size", "model_n_params", "backends", "n_threads")
+INFO_FIELDS = ("model_type", "model_size", "model_n_params", "backends", "n_threads", "build_commit", "cpu_info")
 
 
 def run_records(cfg: Config, model: Path, threads: int, pp: int, tg: int, reps: int = 1) -> dict[str, dict]:
@@ -189,8 +189,10 @@ def compare(
     tg: int = 128,
     reps: int = 1,
     progress: Callable[[str], None] | None = None,
+    prepare: Callable[[Config], None] | None = None,
 ) -> Result:
-    """Run every configuration ``rounds`` times, interleaved (A B C, B C A, C A B, ...)."""
+    """Run every configuration ``rounds`` times, interleaved (A B C, B C A, C A B, ...); ``prepare`` runs before
+    each run (the page cache a scenario wants)."""
     if not configs:
         raise BenchError("nothing to compare")
     for cfg in configs:
@@ -207,6 +209,8 @@ def compare(
         for k, cfg in enumerate(order):
             if progress:
                 progress(f"round {r + 1}/{rounds}, {k + 1}/{len(order)}: {cfg.label}")
+            if prepare:
+                prepare(cfg)
             got = run_records(cfg, model, threads, pp, tg, reps)
             missing = [t for t in tests if t not in got]
             if missing:

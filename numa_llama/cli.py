@@ -117,6 +117,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from numa_llama import bench  # noqa: PLC0415
 
+    if args.hardware and (args.scenarios is not None or args.callgrind or args.sweep_threads or args.virtual):
+        print(
+            "numa-llama: --hardware is a run of its own: not with --scenarios, --callgrind, --sweep-threads or "
+            "--virtual",
+            file=sys.stderr,
+        )
+        return 2
     if args.scenarios is not None:
         return _bench_scenarios(args)
     strategies = [s.strip() for s in (args.strategies or "off,migrate").split(",") if s.strip()]
@@ -144,6 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = _model(args.model)
     if model is None:
         return 2
+    if args.hardware:
+        return _bench_hardware(args, model)
     log = _progress(args.json)
     try:
         patched = Path(args.llama_bench) if args.llama_bench else None
@@ -224,6 +233,64 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"numa-llama: roofline: {roof_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _bench_hardware(args: argparse.Namespace, model: Path) -> int:
+    """``bench --hardware FILE``: the real-hardware run, written to one JSON file (numa_llama.hardware)."""
+    from numa_llama import bench, hardware, roofline  # noqa: PLC0415
+    from numa_llama.kernel import NumaError  # noqa: PLC0415
+
+    log = _progress(args.json)
+    try:
+        patched = Path(args.llama_bench) if args.llama_bench else None
+        stock = Path(args.stock_bench) if args.stock_bench else None
+        try:
+            checkout: Path | None = bench.source_checkout()
+        except bench.BenchError:
+            if patched is None or stock is None:
+                raise
+            checkout = None  # both binaries given: the file names no series
+        if patched is None or stock is None:
+            assert checkout is not None
+            patched = patched or bench.build("patched", checkout, log, args.variant)
+            stock = stock or bench.build("stock", checkout, log, args.variant)
+        for label, exe in (("patched", patched), ("stock", stock)):
+            if not (exe.is_file() and os.access(exe, os.X_OK)):
+                raise bench.BenchError(f"{label}: no llama-bench at {exe} (python build/bench_build.py builds it)")
+        doc = hardware.run(
+            model,
+            patched,
+            stock,
+            args.threads,
+            args.rounds,
+            args.reps,
+            args.pp,
+            args.tg,
+            args.bandwidth_mib,
+            recipe=not args.no_recipe,
+            checkout=checkout,
+            log=log,
+        )
+    except (hardware.HardwareError, bench.BenchError, roofline.RooflineError, NumaError) as e:
+        for line in str(e).splitlines():
+            print(f"numa-llama: {line}", file=sys.stderr)
+        return 1
+    try:
+        Path(args.hardware).write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        print(f"numa-llama: --hardware {args.hardware}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(hardware.report(doc))
+        print(f"numa-llama: wrote {args.hardware}", file=sys.stderr)
+    for note in doc["notes"]:
+        print(f"numa-llama: {note}", file=sys.stderr)
+    errs = hardware.errors(doc)
+    for line in errs:
+        print(f"numa-llama: {line}", file=sys.stderr)
+    return 1 if errs else 0
 
 
 def _progress(quiet: bool):
@@ -646,7 +713,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios",
         metavar="LIST",
         help="instead of timing, measure locality per thread, pages moved, load time and text in these page-cache "
-        "scenarios (comma-separated, or all: cold,warm,restart,no-mmap,repack); needs 2+ NUMA nodes and root",
+        "scenarios (comma-separated, or all: cold,warm,restart,no-mmap,repack,moe); needs 2+ NUMA nodes and root",
+    )
+    b.add_argument(
+        "--hardware",
+        metavar="FILE",
+        help="the real-hardware run: stock distribute and migrate, cold and warm page cache, pp and tg, each "
+        "thread's locality and tg as a share of the measured roofline, written with the machine, topology, "
+        "bandwidth matrix, builds and commands to one JSON FILE (root; numactl on 2+ nodes)",
     )
     b.add_argument("--stock", action="store_true", help="also run stock llama.cpp at the pinned commit (baseline)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")

@@ -48,6 +48,14 @@ class Locality:
     thread_node: tuple[int, ...]
     local_bytes: tuple[int, ...]  # per thread
     read_bytes: tuple[int, ...]  # per thread
+    answered_bytes: tuple[int, ...] = ()  # per thread: of read_bytes, those on pages the kernel gave a node for
+
+    @property
+    def resident(self) -> float | None:
+        """The local fraction of only the bytes on pages the kernel answered for (resident); None: not counted."""
+        if not self.answered_bytes:
+            return None
+        return sum(self.local_bytes) / max(1, sum(self.answered_bytes))
 
     @property
     def per_thread(self) -> tuple[float, ...]:
@@ -303,6 +311,7 @@ def weights_locality(
     page = os.sysconf("SC_PAGESIZE")
     local = [0] * n_threads
     read = [0] * n_threads
+    answered = [0] * n_threads
     ranks = node_ranks(thread_node)  # the same for every weight
     for w, slabs in weights:
         rows = thread_rows(strategy, w.n_rows, n_threads, thread_node, slabs, ranks)
@@ -315,6 +324,9 @@ def weights_locality(
             for i, (r0, r1) in enumerate(rows):
                 for addr, nbytes in hooks.page_spans(base + r0 * w.row_bytes, base + r1 * w.row_bytes, page):
                     read[i] += nbytes
-                    if where[(addr - first) // page] == thread_node[i]:
+                    node = where[(addr - first) // page]
+                    if node >= 0:
+                        answered[i] += nbytes
+                    if node == thread_node[i]:
                         local[i] += nbytes
-    return Locality(strategy, n_threads, thread_node, tuple(local), tuple(read))
+    return Locality(strategy, n_threads, thread_node, tuple(local), tuple(read), tuple(answered))

@@ -231,3 +231,74 @@ def percent_of_roofline(measured_tokens_per_s: float, roofline: float) -> float:
             "error (the bandwidth was under-measured, or bytes were counted that a token does not read)"
         )
     return pct
+
+
+def traffic(
+    per_thread: Sequence[float],
+    thread_node: Sequence[int],
+    read_bytes: Sequence[int] | None,
+    page_share: dict[int, float],
+) -> dict[tuple[int, int], float]:
+    """Where a token's bytes come from, by the kernel's placement: ``{(i, j): f}``, the fraction of the bytes that
+    node *i*'s threads read from node *j*'s memory (the fractions sum to 1).
+
+    Thread *t* on node *i* reads ``read_bytes[t]`` (equal shares if not given), of which ``per_thread[t]`` are on
+    node *i*; its remote bytes are counted on the other nodes in proportion to their share of the weight pages
+    (``page_share``, node -> fraction), or evenly over them where no other node holds a page."""
+    if not per_thread or len(per_thread) != len(thread_node):
+        raise RooflineError("the placement has no threads, or not one node per thread")
+    weights = [float(b) for b in read_bytes] if read_bytes else [1.0] * len(per_thread)
+    if len(weights) != len(per_thread) or not sum(weights) > 0:
+        raise RooflineError("the placement's per-thread byte counts do not match its threads")
+    nodes = sorted(set(thread_node) | set(page_share))
+    total = sum(weights)
+    out: dict[tuple[int, int], float] = {}
+    for local, i, w in zip(per_thread, thread_node, weights, strict=True):
+        if not 0.0 <= local <= 1.0:
+            raise RooflineError(f"a thread on node {i} has a local fraction of {local}")
+        share = w / total
+        if local > 0:
+            out[(i, i)] = out.get((i, i), 0.0) + local * share
+        others = [j for j in nodes if j != i]
+        if local < 1.0 and not others:
+            raise RooflineError(f"a thread on node {i} reads remote bytes, but the placement names no other node")
+        held = sum(page_share.get(j, 0.0) for j in others)
+        for j in others:
+            part = page_share.get(j, 0.0) / held if held > 0 else 1.0 / len(others)
+            if part and local < 1.0:
+                out[(i, j)] = out.get((i, j), 0.0) + (1.0 - local) * share * part
+    return out
+
+
+def placement_roofline(matrix: Matrix, flows: dict[tuple[int, int], float], bytes_per_token: float) -> float:
+    """The decode roofline of one placement (tokens/s): no token can take less time than
+
+    - any node's memory serving every byte read from it, at the most that memory gave its own node's threads
+      (the matrix's diagonal; a node without CPUs: the most any node read from it);
+    - any node's threads reading what they read from one node, at the rate the matrix measured for that pair.
+
+    The bound lets every pair's stream run at once, so it is optimistic (an upper bound), and with every byte
+    local, on nodes of equal bandwidth that read equal shares, it is the sum of the diagonal over the bytes per
+    token (``Matrix.local``)."""
+    if not bytes_per_token > 0:
+        raise RooflineError("the roofline needs a positive byte count")
+    known = set(matrix.cells)
+    missing = [k for k, f in flows.items() if f > 0 and k not in known]
+    if missing:
+        raise RooflineError(f"the bandwidth matrix has no figure for node {missing[0][0]} reading node {missing[0][1]}")
+
+    def memory_gbs(j: int) -> float:
+        if (j, j) in known:
+            return matrix.cell(j, j).median
+        return max(c.median for (i, m), c in matrix.cells.items() if m == j)
+
+    seconds = 0.0
+    for j in {m for (_, m) in flows}:
+        served = sum(f for (_, m), f in flows.items() if m == j)
+        seconds = max(seconds, served * bytes_per_token / (memory_gbs(j) * 1e9))
+    for (i, j), f in flows.items():
+        if f > 0:
+            seconds = max(seconds, f * bytes_per_token / (matrix.cell(i, j).median * 1e9))
+    if not seconds > 0:
+        raise RooflineError("the placement reads no bytes")
+    return 1.0 / seconds

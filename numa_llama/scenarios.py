@@ -13,6 +13,10 @@ pages moved, load seconds and the text. Before each cell the runner sets the pag
 - ``repack``: dropped, then the seeded synthetic model with Q4_0 weights (``numa_llama.synthetic``) through the
   ``haswell`` CPU variant, whose CPU_REPACK buffer one loader thread writes. The cell fails unless the graph
   really multiplies by repacked copies (weights outside the file's mapping).
+- ``moe``: dropped, then the seeded synthetic mixture of experts (``numa_llama.synthetic.MOE``: 8 experts per
+  layer, 2 used per token), mapped. After the short run most experts have not been read by anyone, so their
+  pages are in no page cache yet: the cell gives their share (``unanswered``, counted not local as every
+  unanswered page is) and, apart, the locality of the pages that are resident (``resident_locality``).
 
 The CPUs per node and the thread count are the same in every cell. ``numactl`` runs under ``numactl
 --interleave=all``, the way upstream's help describes it. Its threads are not pinned to nodes, so no thread has
@@ -42,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("cold", "warm", "restart", "no-mmap", "repack")
+SCENARIOS = ("cold", "warm", "restart", "no-mmap", "repack", "moe")
 REPACK_VARIANT = "haswell"  # x86: the first variant with CPU_REPACK (AVX2); the guests run it under TCG
 STRATEGIES = ("distribute", "isolate", "numactl", "migrate")
 PROMPT = "The capital of France is"
@@ -75,6 +79,9 @@ class Cell:
     model: str = ""
     weights: int = 0  # matmul weights the graph reads
     repacked: int = 0  # of them, copies outside the file's mapping (CPU_REPACK); 0 without mmap
+    read_bytes: list[int] | None = None  # per thread: the weight bytes it multiplies by in one decode step
+    expert_weights: int = 0  # of the weights, stacks of experts (MUL_MAT_ID)
+    resident_locality: float | None = None  # locality over only the pages the kernel answered for
 
     @property
     def worst(self) -> float | None:
@@ -216,12 +223,15 @@ def measure(model: Path, strategy: str, threads: int, use_mmap: bool) -> dict:
         "model": model.name,
         "weights": len(weights),
         "repacked": repacked,
+        "expert_weights": sum(1 for w in weights if w.n_matrices > 1),
+        "resident_locality": None if loc is None else loc.resident,
         "text": out["choices"][0]["text"],
         "load_s": load_s,
         "first_s": first_s,
         "locality": None if loc is None else loc.overall,
         "per_thread": None if loc is None else list(loc.per_thread),
         "thread_node": None if loc is None else list(loc.thread_node),
+        "read_bytes": None if loc is None else list(loc.read_bytes),
         "page_share": {str(n): c / present for n, c in sorted(where.items())},
         "unanswered": unanswered / asked if asked else 0.0,
         "pages": st.pages,
@@ -243,13 +253,25 @@ def _file_ranges(model: Path) -> list[tuple[int, int]]:
     return out
 
 
-def _cell(
-    model: Path, strategy: str, threads: int, use_mmap: bool, timeout: float, env: dict[str, str] | None = None
-) -> tuple[dict, list[str]]:
-    prefix = ["numactl", "--interleave=all"] if strategy == "numactl" else []
+def cell_argv(model: Path, strategy: str, threads: int, use_mmap: bool, prefix: Sequence[str] = ()) -> list[str]:
+    """The command of one cell: a fresh process that loads, runs and asks the kernel (``measure``)."""
     argv = [*prefix, sys.executable, "-P", "-m", "numa_llama.scenarios", str(model), strategy, str(threads)]
-    if not use_mmap:
-        argv.append("--no-mmap")
+    return argv + ([] if use_mmap else ["--no-mmap"])
+
+
+def run_cell(
+    model: Path,
+    strategy: str,
+    threads: int,
+    use_mmap: bool,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] | None = None,
+) -> tuple[dict, list[str]]:
+    if prefix is None:
+        prefix = ["numactl", "--interleave=all"] if strategy == "numactl" else []
+    prefix = list(prefix)
+    argv = cell_argv(model, strategy, threads, use_mmap, prefix)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as e:
@@ -281,6 +303,7 @@ def run(
     first = nodes[0].id
     cells: list[Cell] = []
     repack_model = _repack_model() if "repack" in scenarios else None
+    moe_model = _moe_model() if "moe" in scenarios else None
     setting = topo.numa_balancing or ""
     balancing = int(setting) if setting.isdigit() else None
     for sc in scenarios:
@@ -293,10 +316,10 @@ def run(
                     "bound there (is the node's memory full?), so this is not the warm-on-node case"
                 )
             if sc == "restart":
-                _cell(model, st, threads, True, timeout)  # the run before the restart: it leaves the page cache
+                run_cell(model, st, threads, True, timeout)  # the run before the restart: it leaves the page cache
             if sc == "repack":
                 assert repack_model is not None
-                out, prefix = _cell(
+                out, prefix = run_cell(
                     repack_model, st, threads, True, timeout, {"NUMA_LLAMA_CPU_VARIANT": REPACK_VARIANT}
                 )
                 if not out["repacked"]:
@@ -304,8 +327,16 @@ def run(
                         f"repack / {st}: the {REPACK_VARIANT} variant multiplied by no repacked weight "
                         f"({out['weights']} weights, all in the file's mapping), so this is not the repack case"
                     )
+            elif sc == "moe":
+                assert moe_model is not None
+                out, prefix = run_cell(moe_model, st, threads, True, timeout)
+                if not out["expert_weights"]:
+                    raise ScenarioError(
+                        f"moe / {st}: the graph multiplied by no stack of experts ({out['weights']} weights), so "
+                        "this is not the mixture-of-experts case"
+                    )
             else:
-                out, prefix = _cell(model, st, threads, sc != "no-mmap", timeout)
+                out, prefix = run_cell(model, st, threads, sc != "no-mmap", timeout)
             cell = Cell(scenario=sc, cache_on_first_node=cache, prefix=prefix, numa_balancing=balancing, **out)
             cells.append(cell)
             log(
@@ -332,6 +363,28 @@ def _repack_model() -> Path:
         ) from e
 
 
+def _moe_model() -> Path:
+    """The seeded synthetic mixture of experts, from numa-llama's cache (written there if it can be)."""
+    from numa_llama import synthetic  # noqa: PLC0415
+
+    try:
+        return synthetic.cached(synthetic.MOE)
+    except OSError as e:
+        raise ScenarioError(
+            f"scenario moe: the synthetic mixture of experts is not in the cache and cannot be written here ({e}); "
+            "run python -m numa_llama.synthetic first"
+        ) from e
+
+
+def _label(c: Cell) -> str:
+    if c.scenario == "repack":
+        return f"repack ({c.repacked} of {c.weights} weights repacked)"
+    if c.scenario == "moe":
+        resident = _fmt(c.resident_locality)
+        return f"moe ({c.expert_weights} of {c.weights} weights expert stacks; resident pages {resident} local)"
+    return c.scenario
+
+
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
@@ -349,9 +402,7 @@ def table(cells: Sequence[Cell]) -> str:
     ]
     for c in cells:
         label = f"{c.strategy} (under {' '.join(c.prefix)})" if c.prefix else c.strategy
-        scenario = (
-            f"{c.scenario} ({c.repacked} of {c.weights} weights repacked)" if c.scenario == "repack" else c.scenario
-        )
+        scenario = _label(c)
         share = " / ".join(f"{k}: {100 * v:.1f}%" for k, v in c.page_share.items())
         rows.append(
             f"| {scenario} | {label} | {_fmt(c.locality)} "

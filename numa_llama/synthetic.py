@@ -18,6 +18,13 @@ So a split plan whose slab boundaries fall on the page-aligned rows leaves no
 page straddling two slabs, and every thread's weight bytes can be on its own
 node: 100%, where the real model loses the straddling pages.
 
+With ``experts`` set, each layer's feed-forward is a mixture of experts, as
+Mixtral's (llama.cpp's ``llama`` architecture with ``expert_count``): a router
+``ffn_gate_inp`` (F32, one row per expert, the one weight whose rows are not a
+whole number of pages) and the experts' ``ffn_gate_exps``, ``ffn_up_exps`` and
+``ffn_down_exps`` stacked in one 3-D tensor each, which ggml multiplies with
+``MUL_MAT_ID`` for the ``experts_used`` experts the router picks per token.
+
 The weights come from ``numpy.random.default_rng(seed)``, so the same seed
 gives the same bytes. The rows of ``output.weight`` for the control and byte
 tokens are zero, so greedy decoding always picks a printable word piece.
@@ -47,6 +54,8 @@ class Shape:
     seed: int = 0
     page_aligned: bool = True  # False: gguf's default 32-byte alignment, so slab boundaries straddle pages
     quant: str = "f16"  # or "q4_0": the matmul weights quantized, which CPU_REPACK repacks (AVX2 and up)
+    experts: int = 0  # 0: a dense feed-forward; 2 or more: a mixture of that many experts per layer
+    experts_used: int = 2  # with experts: how many the router picks per token
 
     @property
     def vocab(self) -> int:
@@ -55,6 +64,11 @@ class Shape:
     def check(self) -> None:
         if self.quant not in ("f16", "q4_0"):
             raise ValueError(f"synthetic model: quant {self.quant!r} is not f16 or q4_0")
+        if self.experts and not 1 <= self.experts_used <= self.experts or self.experts == 1 or self.experts < 0:
+            raise ValueError(
+                f"synthetic model: {self.experts} experts with {self.experts_used} used per token; "
+                "give 0 experts (dense) or 2 or more, and 1 to that many used"
+            )
         head = self.embd // self.heads
         rows = {
             "attn_q": self.embd,
@@ -68,6 +82,8 @@ class Shape:
         if bad or self.embd % self.heads or self.heads % self.heads_kv or self.layers < 1:
             raise ValueError(f"synthetic model shape {self}: rows not a multiple of {ROW_QUANTUM}: {bad}")
 
+
+MOE = Shape(experts=8, experts_used=2)  # the scenario matrix's mixture of experts: 8 per layer, 2 used per token
 
 WORDS = (
     [f"\u2581{w}" for w in "the of and to in is was for on as by with at from it an be or are this".split()]
@@ -133,6 +149,9 @@ def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
         w.add_feed_forward_length(shape.ff)
         w.add_head_count(shape.heads)
         w.add_head_count_kv(shape.heads_kv)
+        if shape.experts:
+            w.add_expert_count(shape.experts)
+            w.add_expert_used_count(shape.experts_used)
         w.add_rope_dimension_count(head)
         w.add_layer_norm_rms_eps(1e-5)
         w.add_vocab_size(shape.vocab)
@@ -155,6 +174,17 @@ def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
             add_weight(w, f"blk.{i}.attn_v.weight", mat(head * shape.heads_kv, shape.embd, 0.06))
             add_weight(w, f"blk.{i}.attn_output.weight", mat(shape.embd, shape.embd, 0.06))
             w.add_tensor(f"blk.{i}.ffn_norm.weight", norm)
+            if shape.experts:
+                # the router in F32, as converted Mixtrals have it; each expert stack is (experts, rows, cols)
+                w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", mat(shape.experts, shape.embd, 0.5).astype(np.float32))
+                for name, rows, cols, scale in (
+                    ("ffn_gate_exps", shape.ff, shape.embd, 0.06),
+                    ("ffn_up_exps", shape.ff, shape.embd, 0.06),
+                    ("ffn_down_exps", shape.embd, shape.ff, 0.03),
+                ):
+                    stack = np.stack([mat(rows, cols, scale) for _ in range(shape.experts)])
+                    add_weight(w, f"blk.{i}.{name}.weight", stack)
+                continue
             add_weight(w, f"blk.{i}.ffn_gate.weight", mat(shape.ff, shape.embd, 0.06))
             add_weight(w, f"blk.{i}.ffn_up.weight", mat(shape.ff, shape.embd, 0.06))
             add_weight(w, f"blk.{i}.ffn_down.weight", mat(shape.embd, shape.ff, 0.03))
@@ -175,8 +205,8 @@ def write(path: str | os.PathLike[str], shape: Shape = Shape()) -> Path:
 
 
 def matmul_weights(shape: Shape = Shape()) -> int:
-    """How many weights a forward pass multiplies by (7 per layer, and the output)."""
-    return 7 * shape.layers + 1
+    """How many weights a forward pass multiplies by (7 per layer, 8 with experts: the router; and the output)."""
+    return (8 if shape.experts else 7) * shape.layers + 1
 
 
 def cached(shape: Shape = Shape()) -> Path:
@@ -186,6 +216,7 @@ def cached(shape: Shape = Shape()) -> Path:
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numa-llama"
     digest = hashlib.sha256(repr(shape).encode() + Path(__file__).read_bytes()).hexdigest()[:16]
     kind = ("" if shape.page_aligned else "-straddling") + ("" if shape.quant == "f16" else f"-{shape.quant}")
+    kind += f"-moe{shape.experts}x{shape.experts_used}" if shape.experts else ""
     path = base / "models" / f"synthetic-llama-{shape.layers}x{shape.embd}-seed{shape.seed}{kind}-{digest}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,3 +228,4 @@ if __name__ == "__main__":
     print(cached())
     print(cached(Shape(page_aligned=False)))
     print(cached(Shape(quant="q4_0")))
+    print(cached(MOE))

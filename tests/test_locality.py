@@ -43,3 +43,26 @@ def test_mapped_weights_come_from_the_gguf_and_the_mapping(model_path: Path) -> 
     assert all(w.address >= 0x7F0000000000 and w.n_rows > 0 and w.row_bytes > 0 for w in weights)
     with pytest.raises(LookupError, match="use_mmap"):
         decode.mapped_weights(model_path, "")
+
+
+def test_resident_locality_counts_only_the_pages_the_kernel_answered_for() -> None:
+    """Half a weight's pages touched, half never: the untouched ones are not resident (the kernel gives no node),
+    so overall locality is one half and the resident locality is whole. A count that took unanswered pages as
+    answered (or as local) would give 1.0 and 1.0, or 0.5 and 0.5."""
+    import mmap
+
+    from numa_llama import kernel
+
+    page = kernel.page_size()
+    node = kernel.getcpu()[1]
+    with mmap.mmap(-1, 8 * page) as m:
+        ref = kernel.ffi.from_buffer(m)
+        base = int(kernel.ffi.cast("uintptr_t", ref))
+        for off in range(0, 4 * page, page):
+            m[off] = 1  # the first four pages faulted in; the last four never touched
+        w = decode.Weight("half.weight", base, 8, page, 1)
+        loc = decode.weights_locality("distribute", (node,), [(w, None)])
+        del ref
+    assert loc.read_bytes == (8 * page,) and loc.answered_bytes == (4 * page,)
+    assert loc.overall == 0.5
+    assert loc.resident == 1.0

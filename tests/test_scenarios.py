@@ -37,7 +37,7 @@ def test_an_unknown_scenario_is_named_in_one_line() -> None:
     proc = cli("--scenarios", "warm,tepid")
     assert proc.returncode == 2
     assert one_line(proc) == (
-        "numa-llama: unknown scenario tepid; choose from cold, warm, restart, no-mmap, repack or all"
+        "numa-llama: unknown scenario tepid; choose from cold, warm, restart, no-mmap, repack, moe or all"
     )
 
 

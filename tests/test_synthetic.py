@@ -72,3 +72,33 @@ def test_a_truncated_or_foreign_file_is_a_clear_error(synthetic_model: Path, tmp
     foreign.write_bytes(b"PK\x03\x04" + bytes(64))
     with pytest.raises(decode.GGUFFormatError, match="not a little-endian GGUF"):
         decode.gguf_tensor_infos(foreign)
+
+
+@pytest.mark.parametrize(("experts", "used"), [(1, 1), (8, 0), (8, 9), (-2, 1)])
+def test_an_impossible_mixture_of_experts_is_refused(tmp_path: Path, experts: int, used: int) -> None:
+    with pytest.raises(ValueError, match="experts"):
+        synthetic.write(tmp_path / "x.gguf", synthetic.Shape(experts=experts, experts_used=used))
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_mixture_of_experts_decodes_through_stacks_of_experts(tmp_path: Path) -> None:
+    """Real llama.cpp loads the MoE shape and multiplies by 3 expert stacks (MUL_MAT_ID, 8 matrices each) and a
+    router per layer, as the graph reports them; and its greedy text is printable."""
+    path = synthetic.write(tmp_path / "moe.gguf", synthetic.MOE)
+    code = (
+        "from llama_cpp import Llama\n"
+        "from numa_llama import api\n"
+        f"llm = Llama({str(path)!r}, n_ctx=64, n_threads=2, verbose=False)\n"
+        "text = llm.create_completion('Paris is', max_tokens=6, temperature=0.0)['choices'][0]['text']\n"
+        "print(repr((text, sorted((w.name, w.n_matrices) for w in api.graph_weights(llm)))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text, weights = eval(proc.stdout.strip().splitlines()[-1])
+    assert text.strip() and text.isprintable(), text
+    assert len(weights) == synthetic.matmul_weights(synthetic.MOE)
+    stacks = {n: k for n, k in weights if k > 1}
+    assert stacks == {
+        f"blk.{i}.ffn_{m}_exps.weight": 8 for i in range(synthetic.MOE.layers) for m in ("gate", "up", "down")
+    }
+    assert {f"blk.{i}.ffn_gate_inp.weight" for i in range(synthetic.MOE.layers)} <= {n for n, _ in weights}
