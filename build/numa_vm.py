@@ -76,6 +76,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 fail() { echo "NUMA_VM_FAIL: $*"; echo "NUMA_VM_EXIT=125"; sync; poweroff -f; }
+# the loopback interface, for servers and their clients inside the guest (the guest has no other network device)
+ip link set lo up || fail "cannot bring up the loopback interface"
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^numa_vm\.$1=//p"; }
 for m in $(cat /modules.order); do
     insmod "/modules/$m.ko" || fail "insmod $m"

@@ -834,10 +834,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fc.add_argument("--json", action="store_true")
     fc.set_defaults(func=cmd_forecast)
+    from numa_llama import serve  # noqa: PLC0415  (argparse only: the server's modules load when it runs)
+
+    serve.add_parser(sub)
+    sub.choices["serve"].set_defaults(func=cmd_serve)
+    from numa_llama import tools  # noqa: PLC0415
+
+    tools.add_parser(sub)
+    sub.choices["tools"].set_defaults(func=cmd_tools)
     info = sub.add_parser("info", help="the pin, the patches and the CPU backend of this build")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
     return ap
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from numa_llama import serve  # noqa: PLC0415
+
+    model = _model(args.model)
+    if model is None:
+        return 2
+    return serve.run(args, model)
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from numa_llama import tools  # noqa: PLC0415
+
+    return tools.run(args)
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
