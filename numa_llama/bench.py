@@ -235,10 +235,9 @@ def source_checkout(start: Path | None = None) -> Path:
     )
 
 
-def build(which: str, checkout: Path, log: Callable[[str], None] | None = None, variant: str | None = None) -> Path:
-    """Build (or reuse) llama-bench of ``which`` (patched|patched-off|stock) with the checkout's build script."""
-    cmd = [sys.executable, str(checkout / "build" / "bench_build.py"), "--which", which]
-    cmd += ["--variant", variant] if variant else []
+def run_build_script(cmd: list[str], what: str, log: Callable[[str], None] | None = None) -> str:
+    """Run one of the checkout's build scripts, its progress (stderr) to ``log``; return what it printed on stdout.
+    A failure raises BenchError with ``what`` and the script's last 20 lines."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None and proc.stdout is not None
     tail: list[str] = []
@@ -248,8 +247,15 @@ def build(which: str, checkout: Path, log: Callable[[str], None] | None = None, 
             log(line.rstrip())
     out = proc.stdout.read()
     if proc.wait() != 0:
-        raise BenchError(f"building the {which} llama-bench failed:\n" + "\n".join(tail))
-    return Path(out.split()[-1])
+        raise BenchError(f"building {what} failed:\n" + "\n".join(tail))
+    return out
+
+
+def build(which: str, checkout: Path, log: Callable[[str], None] | None = None, variant: str | None = None) -> Path:
+    """Build (or reuse) llama-bench of ``which`` (patched|patched-off|stock) with the checkout's build script."""
+    cmd = [sys.executable, str(checkout / "build" / "bench_build.py"), "--which", which]
+    cmd += ["--variant", variant] if variant else []
+    return Path(run_build_script(cmd, f"the {which} llama-bench", log).split()[-1])
 
 
 def instructions(cfg: Config, model: Path, n_gen: int) -> int:

@@ -21,16 +21,15 @@ it measures, with the page cache set up before every process:
   that placement (``roofline.placement_roofline``) and the all-local one (every node reading itself). Prompt
   processing is bound by compute, not by the bytes a token reads: it gets no roofline.
 
-The file holds the machine (uname, CPU model, ``lscpu``, ``numactl --hardware``, the kernel's NUMA balancing and
-THP settings), the topology, the bandwidth matrix with its method, the bytes a token reads, both builds (path,
-sha256, llama-bench's build commit and CPU), the series (each patch's sha256), every command run, and every
-figure.
+The file holds the machine (uname, CPU model, ``lscpu``, ``numactl --hardware``, THP defrag), the topology (with
+the kernel's NUMA balancing and THP settings), the bandwidth matrix with its method, the bytes a token reads, both
+builds (path, sha256, llama-bench's build commit and CPU), the series (each patch's sha256), every command run, and
+every figure.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import platform
 import shlex
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from numa_llama import bench, roofline, scenarios
+from numa_llama._variants import sha256
 from numa_llama.sysfs import Topology, read_topology
 
 CACHES = ("cold", "warm")
@@ -74,7 +74,8 @@ def _read(path: str) -> str | None:
 
 
 def machine() -> dict:
-    """What a reader needs to know of the machine: enough to tell it from another of its kind."""
+    """What a reader needs to know of the machine: enough to tell it from another of its kind. NUMA balancing and
+    the THP mode are in the document's topology (``Topology.as_dict``), read once there."""
     model = None
     for line in (_read("/proc/cpuinfo") or "").splitlines():
         if line.startswith(("model name", "Model name")):
@@ -87,19 +88,9 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "lscpu": _text(["lscpu"]),
         "numactl_hardware": _text(["numactl", "--hardware"]),
-        "numa_balancing": _read("/proc/sys/kernel/numa_balancing"),
-        "thp_enabled": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "thp_defrag": _read("/sys/kernel/mm/transparent_hugepage/defrag"),
         "python": sys.version.split()[0],
     }
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def series(checkout: Path | None) -> list[dict]:

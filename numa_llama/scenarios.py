@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from numa_llama import synthetic  # stdlib only at import: numpy and gguf load when a model is written
+
 SCENARIOS = ("cold", "warm", "restart", "no-mmap", "repack", "moe")
 REPACK_VARIANT = "haswell"  # x86: the first variant with CPU_REPACK (AVX2); the guests run it under TCG
 STRATEGIES = ("distribute", "isolate", "numactl", "migrate")
@@ -303,7 +305,7 @@ def run(
     first = nodes[0].id
     cells: list[Cell] = []
     repack_model = _repack_model() if "repack" in scenarios else None
-    moe_model = _moe_model() if "moe" in scenarios else None
+    moe_model = _synthetic_model("moe", "mixture of experts", synthetic.MOE) if "moe" in scenarios else None
     setting = topo.numa_balancing or ""
     balancing = int(setting) if setting.isdigit() else None
     for sc in scenarios:
@@ -350,28 +352,19 @@ def _repack_model() -> Path:
     """The seeded synthetic model with Q4_0 weights, from numa-llama's cache (written there if it can be)."""
     import platform  # noqa: PLC0415
 
-    from numa_llama import synthetic  # noqa: PLC0415
-
     if platform.machine() not in ("x86_64", "AMD64"):
         raise ScenarioError(f"scenario repack: runs the x86 {REPACK_VARIANT} variant; this is {platform.machine()}")
+    return _synthetic_model("repack", "Q4_0 model", synthetic.Shape(quant="q4_0"))
+
+
+def _synthetic_model(scenario: str, what: str, shape: synthetic.Shape) -> Path:
+    """A seeded synthetic model from numa-llama's cache, written there if it can be; a guest sees the cache
+    read-only, so there it must have been written first (tox does: python -m numa_llama.synthetic)."""
     try:
-        return synthetic.cached(synthetic.Shape(quant="q4_0"))
+        return synthetic.cached(shape)
     except OSError as e:
         raise ScenarioError(
-            f"scenario repack: the synthetic Q4_0 model is not in the cache and cannot be written here ({e}); "
-            "run python -m numa_llama.synthetic first"
-        ) from e
-
-
-def _moe_model() -> Path:
-    """The seeded synthetic mixture of experts, from numa-llama's cache (written there if it can be)."""
-    from numa_llama import synthetic  # noqa: PLC0415
-
-    try:
-        return synthetic.cached(synthetic.MOE)
-    except OSError as e:
-        raise ScenarioError(
-            f"scenario moe: the synthetic mixture of experts is not in the cache and cannot be written here ({e}); "
+            f"scenario {scenario}: the synthetic {what} is not in the cache and cannot be written here ({e}); "
             "run python -m numa_llama.synthetic first"
         ) from e
 

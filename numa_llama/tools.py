@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -25,16 +24,10 @@ class ToolsError(RuntimeError):
 
 
 def build(checkout: Path, variant: str | None, log: Any) -> dict[str, Path]:
+    from numa_llama import bench  # noqa: PLC0415
+
     cmd = [sys.executable, str(checkout / "build" / "tools_build.py")] + (["--variant", variant] if variant else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None and proc.stdout is not None
-    tail: list[str] = []
-    for line in proc.stderr:
-        tail = (tail + [line.rstrip()])[-20:]
-        log(line.rstrip())
-    out = proc.stdout.read()
-    if proc.wait() != 0:
-        raise ToolsError("building llama.cpp's tools failed:\n" + "\n".join(tail))
+    out = bench.run_build_script(cmd, "llama.cpp's tools", log)
     return {name: Path(path) for name, path in (line.split(maxsplit=1) for line in out.splitlines() if line.strip())}
 
 
@@ -66,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     bin_dir = Path(args.bin_dir) if args.bin_dir else Path(sysconfig.get_path("scripts"))
     try:
         installed = install(build(checkout, args.variant, log), bin_dir)
-    except (ToolsError, OSError) as e:
+    except (ToolsError, bench.BenchError, OSError) as e:
         print(f"numa-llama: tools: {e}", file=sys.stderr)
         return 1
     for name, path in installed.items():

@@ -105,3 +105,19 @@ def test_llama_bench_with_numa_migrate_measures(tools: dict[str, Path], model_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = json.loads(proc.stdout)
     assert record["n_gen"] == 4 and record["avg_ts"] > 0
+
+
+def test_outside_a_source_checkout_it_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NUMA_LLAMA_SOURCE"}
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "numa_llama", "tools", "--bin-dir", str(tmp_path / "bin")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "source checkout" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "bin").exists()  # nothing half-installed
