@@ -56,7 +56,8 @@ GUEST_VARIANT = "sse42"
 # the first x86 variant with CPU_REPACK (AVX2), which QEMU TCG also runs: the guests' repack scenario
 # (numa-llama bench --scenarios repack) loads it; built beside the best where it runs here
 REPACK_VARIANT = "haswell"
-BASE_TARGETS = ["llama", "ggml", "ggml-base", "mtmd"]
+BASE_TARGETS = ["llama", "ggml", "ggml-base", "mtmd", "ggml-rpc"]
+OPTIONAL_TARGETS = {"mtmd", "ggml-rpc"}  # CMAKE_ARGS may turn them off (LLAVA_BUILD, GGML_RPC)
 
 
 class BuildError(RuntimeError):
@@ -216,6 +217,7 @@ def cmake_args(variant: Variant, extra: str | None = None) -> list[str]:
         "-DGGML_CPU_NUMA=ON",
         "-DGGML_BACKEND_DL=ON",
         "-DGGML_CCACHE=ON",
+        "-DGGML_RPC=ON",  # Llama(rpc_servers=...): ggml-rpc's client, and numa-llama rpc-server's worker
         *variant_args(variant),
     ]
     # Like llama-cpp-python: CMAKE_ARGS comes last, so it overrides ours.
@@ -269,9 +271,9 @@ def _configure(source: Path, build_dir: Path, args: list[str], log) -> None:
 
 
 def _base_targets(build_dir: Path) -> list[str]:
-    """llama, ggml, ggml-base and, unless CMAKE_ARGS turned off LLAVA_BUILD, mtmd."""
+    """llama, ggml, ggml-base and, unless CMAKE_ARGS turned them off, mtmd and ggml-rpc."""
     have = _targets(build_dir)
-    missing = [t for t in BASE_TARGETS if t not in have and t != "mtmd"]
+    missing = [t for t in BASE_TARGETS if t not in have and t not in OPTIONAL_TARGETS]
     if missing:
         raise BuildError(f"the configured project in {build_dir} has no target(s) {missing}")
     return [t for t in BASE_TARGETS if t in have]

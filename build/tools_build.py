@@ -1,6 +1,7 @@
 """Build llama.cpp's own programs from the patched tree: ``llama-server``, ``llama-cli`` and ``llama-bench``.
 
-One build directory (``_build/tools``), the series' tree (``vendor/llama.cpp``) with ``GGML_CPU_NUMA=ON``, static,
+One build directory (``_build/tools``), the series' tree (``vendor/llama.cpp``) with ``GGML_CPU_NUMA=ON`` and
+``GGML_RPC=ON`` (``llama-server --rpc``), static,
 one CPU variant (the best that executes here, probed as for the wheel; ``GGML_NATIVE=OFF``), as
 ``build/bench_build.py`` builds llama-bench. Nothing is downloaded at build time: llama-server's web UI would
 come prebuilt from a Hugging Face bucket, so ``LLAMA_USE_PREBUILT_UI`` and ``LLAMA_BUILD_UI`` (npm) are off and the
@@ -36,6 +37,7 @@ def tools_args(variant: native.Variant) -> list[str]:
         "-DGGML_BACKEND_DL=OFF",
         "-DGGML_CCACHE=ON",
         "-DGGML_CPU_NUMA=ON",
+        "-DGGML_RPC=ON",  # llama-server --rpc HOST:PORT,... (ggml-rpc's client)
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_TOOLS=ON",

@@ -78,6 +78,7 @@ struct ggml_backend_cpu_numa_barrier_stats {
 
 /* the kernel: each returns 0 (or a count) on success, -errno on failure */
 long nl_move_pages_query(unsigned long count, void ** pages, int * status);
+long nl_move_pages_query_pid(int pid, unsigned long count, void ** pages, int * status);
 long nl_move_pages_to(unsigned long count, void ** pages, const int * nodes, int * status);
 long nl_get_mempolicy(int * mode, unsigned long * nodemask, unsigned long maxnode, void * addr, unsigned long flags);
 long nl_getcpu(unsigned int * cpu, unsigned int * node);
@@ -159,6 +160,11 @@ static long nl_ret(long rv) { return rv < 0 ? -errno : rv; }
 long nl_move_pages_query(unsigned long count, void ** pages, int * status) {
     /* nodes == NULL: move nothing, report the node of each page in status (or -errno for that page) */
     return nl_ret(syscall(SYS_move_pages, 0, count, pages, NULL, status, 0));
+}
+
+long nl_move_pages_query_pid(int pid, unsigned long count, void ** pages, int * status) {
+    /* another process's pages (an RPC worker's): the caller needs the right to read it (same user, or root) */
+    return nl_ret(syscall(SYS_move_pages, pid, count, pages, NULL, status, 0));
 }
 
 long nl_move_pages_to(unsigned long count, void ** pages, const int * nodes, int * status) {

@@ -842,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools.add_parser(sub)
     sub.choices["tools"].set_defaults(func=cmd_tools)
+    from numa_llama import rpc  # noqa: PLC0415
+
+    rpc.add_parser(sub)
+    sub.choices["rpc-server"].set_defaults(func=cmd_rpc_server)
     info = sub.add_parser("info", help="the pin, the patches and the CPU backend of this build")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
@@ -855,6 +859,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if model is None:
         return 2
     return serve.run(args, model)
+
+
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    from numa_llama import rpc  # noqa: PLC0415
+
+    return rpc.run(args)
 
 
 def cmd_tools(args: argparse.Namespace) -> int:

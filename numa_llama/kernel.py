@@ -74,6 +74,20 @@ def page_nodes(addresses: Sequence[int]) -> list[int]:
     return list(status)
 
 
+def page_nodes_of(pid: int, addresses: Sequence[int]) -> list[int]:
+    """:func:`page_nodes` for the pages of process ``pid`` (``move_pages(2)`` on that pid; same user or root)."""
+    n = len(addresses)
+    if n == 0:
+        return []
+    pages = ffi.new("void *[]", [ffi.cast("void *", a) for a in addresses])
+    status = ffi.new("int[]", n)
+    _check(
+        lib.nl_move_pages_query_pid(pid, n, pages, status),
+        f"move_pages (pid {pid}: the node of {n} page(s) from {addresses[0]:#x})",
+    )
+    return list(status)
+
+
 def move_pages(addresses: Sequence[int], node: int) -> list[int]:
     """Move this process's pages to ``node`` (``move_pages(2)``, ``MPOL_MF_MOVE``); per page its node or -errno.
 

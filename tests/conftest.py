@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,10 @@ def run_json(code: str, env: dict[str, str] | None = None, timeout: float = 300)
     proc = run_python(code, env, timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the servers' and workers' tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -92,7 +92,7 @@ def test_cli_help_and_version_work_beside_a_stock_llama_cpp(stock_bindings: Path
         proc = run_beside_stock(CLI.format(args=args), stock_bindings)
         assert proc.returncode == 0 and proc.stdout.startswith(out), (args, proc.stdout, proc.stderr[-1000:])
         assert "Traceback" not in proc.stderr
-    for sub in (["info"], ["topology"], ["run", "-n", "1"]):
+    for sub in (["info"], ["topology"], ["run", "-n", "1"], ["rpc-server", "--numa", "migrate"]):
         proc = run_beside_stock(CLI.format(args=sub), stock_bindings)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 3 and len(lines) == 1, (sub, proc.returncode, proc.stderr[-2000:])

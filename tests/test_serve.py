@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 from numa_llama.sysfs import read_topology
 
@@ -31,12 +31,6 @@ TOKENS = 8
 # llama-cpp-python's server defaults repeat_penalty to 1.1, Llama.create_completion to 1.0: ask for Llama's
 SAMPLING = {"temperature": 0.0, "max_tokens": TOKENS}
 EXTRA = {"repeat_penalty": 1.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

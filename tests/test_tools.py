@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 PROMPT = "The capital of France is"
 
@@ -37,12 +38,6 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: Path(path) for name, path in out.items()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -57,10 +52,12 @@ def test_they_are_installed_under_their_names_and_say_their_build(tools: dict[st
         assert "version:" in proc.stderr + proc.stdout
 
 
-def test_llama_server_with_numa_migrate_answers_a_completion(tools: dict[str, Path], model_path: Path) -> None:
+@contextmanager
+def llama_server(tools: dict[str, Path], model_path: Path, *extra: str) -> Iterator[str]:
+    """llama-server --numa migrate on 127.0.0.1, healthy; yields its URL and checks it exits 0 on SIGTERM."""
     port = free_port()
     cmd = [str(tools["numa-llama-server"]), "-m", str(model_path), "--numa", "migrate", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "-t", "1", "-c", "512", "--no-webui"]
+    cmd += ["--port", str(port), "-t", "1", "-c", "512", "--no-webui", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -75,10 +72,7 @@ def test_llama_server_with_numa_migrate_answers_a_completion(tools: dict[str, Pa
                 pass
             assert time.monotonic() < deadline, "llama-server did not become healthy within 300 s"
             time.sleep(0.5)
-        native = post(f"{url}/completion", {"prompt": PROMPT, "n_predict": 8, "temperature": 0})
-        oai = post(f"{url}/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
-        assert native["content"].strip()
-        assert oai["choices"][0]["text"] == native["content"]  # both greedy, the same model and settings
+        yield url
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -88,6 +82,36 @@ def test_llama_server_with_numa_migrate_answers_a_completion(tools: dict[str, Pa
             raise
     log = proc.stdout.read()  # type: ignore[union-attr]
     assert proc.returncode == 0, log[-3000:]
+
+
+def test_llama_server_with_numa_migrate_answers_a_completion(tools: dict[str, Path], model_path: Path) -> None:
+    with llama_server(tools, model_path) as url:
+        native = post(f"{url}/completion", {"prompt": PROMPT, "n_predict": 8, "temperature": 0})
+        oai = post(f"{url}/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    assert native["content"].strip()
+    assert oai["choices"][0]["text"] == native["content"]  # both greedy, the same model and settings
+
+
+def test_llama_server_rpc_spreads_the_model_to_a_numa_llama_worker(
+    tools: dict[str, Path], model_path: Path, tmp_path: Path
+) -> None:
+    """llama-server --rpc with a numa-llama rpc-server (two virtual nodes): the worker computes the weights'
+    products by node, which it does only for buffers the client marked as weights (patch 0007). The text is the
+    wheel's Llama() text: the worker multiplies with the wheel's CPU variant, not the tools' own build."""
+    from test_rpc import generate, start_worker
+
+    body = {"prompt": PROMPT, "n_predict": 8, "temperature": 0}
+    local = generate(model_path, tokens=8)["text"]
+    worker = start_worker(tmp_path, 2, env={"GGML_CPU_NUMA_VIRTUAL": "2"})
+    try:
+        # -fa off: Llama()'s default; llama-server's "auto" turns flash attention on, another sum order
+        with llama_server(tools, model_path, "--rpc", worker.endpoint, "-ngl", "99", "-fa", "off") as url:
+            remote = post(f"{url}/completion", body)["content"]
+            rep = worker.report()
+    finally:
+        assert worker.stop() == 0
+    assert remote == local
+    assert rep["stats"]["products_local"] > 0, rep["stats"]
 
 
 def test_llama_cli_with_numa_migrate_generates(tools: dict[str, Path], model_path: Path) -> None:
