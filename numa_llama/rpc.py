@@ -13,7 +13,9 @@ native build per machine. This is the same server code, started the same way (th
 
 - ``--numa`` (default ``migrate``); a value llama.cpp does not know is one line (exit 2);
 - ``--stats-json FILE``: the worker's own placement report (stats, every placed weight and its plan, the node of
-  each compute thread), written on SIGUSR1 and at shutdown (SIGTERM, Ctrl-C; exit 0). A test checks it against the
+  each compute thread), written on SIGUSR1 and at shutdown (SIGTERM: exit 0; Ctrl-C: 130). It lists every weight
+  placed since the worker started and counts pages over every client: a worker frees a client's buffers when the
+  client leaves, so the addresses are live only while that client is connected; A test checks it against the
   kernel (``move_pages`` on the worker's pid), so the locality does not rest on the worker's word;
 - a port in use is one line (exit 2), before anything starts.
 
@@ -111,6 +113,17 @@ def run(args: argparse.Namespace) -> int:
     from numa_llama.serve import _port_free  # noqa: PLC0415
 
     err = sys.stderr
+    import ipaddress  # noqa: PLC0415
+
+    try:
+        ipaddress.IPv4Address(args.host)
+    except ValueError:
+        print(
+            f"numa-llama: rpc-server: -H {args.host}: give an IPv4 address (ggml-rpc listens on IPv4 only; "
+            "127.0.0.1 for this machine)",
+            file=err,
+        )
+        return 2
     if not 0 < args.port < 65536:
         print(f"numa-llama: rpc-server: port {args.port} is out of range (1-65535)", file=err)
         return 2
@@ -147,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"numa-llama: rpc-server: {e}", file=err)
         return 2
     endpoint = f"{args.host}:{args.port}"
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not ipaddress.IPv4Address(args.host).is_loopback:
         print(
             f"numa-llama: rpc-server: listening on {args.host}: ggml-rpc has no authentication and no encryption; "
             "keep it inside a trusted network",
@@ -164,9 +177,17 @@ def run(args: argparse.Namespace) -> int:
     numa_name = args.numa if isinstance(args.numa, str) else str(args.numa)
     stop: list[int] = []
 
+    writing = threading.Lock()
+
     def write_stats() -> None:
-        if stats_path is not None:
+        if stats_path is None or not writing.acquire(blocking=False):  # a SIGUSR1 during a write: that write
+            return
+        try:
             _write_json(stats_path, report(n_threads, endpoint, numa_name))
+        except OSError as e:  # a full disk, a removed directory: said, and the worker serves on
+            print(f"numa-llama: rpc-server: cannot write {stats_path}: {e.strerror or e}", file=err, flush=True)
+        finally:
+            writing.release()
 
     def on_signal(signum: int, frame: object) -> None:
         if signum == signal.SIGUSR1:

@@ -43,13 +43,16 @@ class Worker:
 
     def report(self) -> dict:
         """The worker's own report, written now (SIGUSR1)."""
-        old = self.stats.stat().st_mtime_ns if self.stats.exists() else None
+        asked = time.time()
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 60
-        while not self.stats.exists() or self.stats.stat().st_mtime_ns == old:
+        while True:  # written whole (renamed into place), and after the signal
+            if self.stats.exists():
+                rep = json.loads(self.stats.read_text())
+                if rep["written_at"] >= asked:
+                    return rep
             assert time.monotonic() < deadline, "the worker wrote no report within 60 s"
             time.sleep(0.1)
-        return json.loads(self.stats.read_text())
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -150,6 +153,30 @@ def test_a_worker_gives_the_local_text_and_multiplies_the_weights_by_node(worker
     assert rep["stats"]["virtual_nodes"] == 2 and rep["stats"]["pages_moved"] == 0
 
 
+TWO = """
+import sys
+from llama_cpp import Llama
+kw = dict(rpc_servers=sys.argv[2], n_gpu_layers=-1, n_ctx=256, verbose=False)
+a = Llama(sys.argv[1], **kw)
+b = Llama(sys.argv[1], **kw)  # the same worker, while the first holds its connection
+for llm in (a, b):
+    print(llm("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"])
+"""
+
+
+def test_two_models_in_one_process_share_a_worker(worker: Worker, model_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", TWO, str(model_path), worker.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "tests",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = proc.stdout.splitlines()[-2:]
+    assert a == b and a.strip()
+
+
 def test_sigterm_writes_the_report_and_ends_it(tmp_path: Path) -> None:
     w = start_worker(tmp_path, 1)
     assert w.stop() == 0
@@ -178,6 +205,12 @@ def test_a_port_in_use_is_one_line() -> None:
         proc = rpc_server("-p", str(port))
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in one_line(proc)
+
+
+def test_a_host_that_is_not_ipv4_is_one_line() -> None:
+    proc = rpc_server("-H", "localhost", "-p", str(free_port()))
+    assert proc.returncode == 2
+    assert "give an IPv4 address" in one_line(proc)
 
 
 def test_a_bad_numa_value_is_one_line() -> None:
@@ -229,7 +262,9 @@ def hello_server(version: tuple[int, int, int]) -> tuple[int, threading.Thread]:
     def answer() -> None:
         conn, _ = srv.accept()
         with conn, srv:
-            head = conn.recv(9)
+            head = b""
+            while len(head) < 9:
+                head += conn.recv(9 - len(head))
             (size,) = struct.unpack("<Q", head[1:9])
             while size > 0:
                 size -= len(conn.recv(size))
@@ -357,6 +392,5 @@ def test_two_workers_on_two_nodes_each_place_what_they_receive(tmp_path: Path) -
             f"2 RPC workers {remote['tokens'] / remote['seconds']:.2f} t/s ({tokens} tokens)"
         )
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                assert w.stop() == 0
+        codes = [w.stop() for w in workers if w.proc.poll() is None]  # every worker stopped, then checked
+    assert codes == [0, 0], codes

@@ -109,7 +109,8 @@ def test_llama_server_rpc_spreads_the_model_to_a_numa_llama_worker(
             remote = post(f"{url}/completion", body)["content"]
             rep = worker.report()
     finally:
-        assert worker.stop() == 0
+        code = worker.stop()
+    assert code == 0
     assert remote == local
     assert rep["stats"]["products_local"] > 0, rep["stats"]
 
