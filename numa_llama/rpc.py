@@ -81,22 +81,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _start_server_fn(lib: ctypes.CDLL) -> Any:
-    reg_by_name = lib.ggml_backend_reg_by_name
-    reg_by_name.argtypes = [ctypes.c_char_p]
-    reg_by_name.restype = ctypes.c_void_p
-    proc = lib.ggml_backend_reg_get_proc_address
-    proc.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    proc.restype = ctypes.c_void_p
-    reg = reg_by_name(b"RPC")
-    if not reg:
-        raise RuntimeError("this llama_cpp was built without ggml-rpc (GGML_RPC=OFF): reinstall numa-llama")
-    addr = proc(reg, b"ggml_backend_rpc_start_server")
-    if not addr:
-        raise RuntimeError("ggml-rpc has no ggml_backend_rpc_start_server")
+    from llama_cpp import _rpc  # noqa: PLC0415
+
     fn_t = ctypes.CFUNCTYPE(
         None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)
     )
-    return fn_t(addr)
+    return fn_t(_rpc.function(lib, "ggml_backend_rpc_start_server"))
 
 
 def _cpu_device(lib: ctypes.CDLL) -> int:
@@ -153,10 +143,12 @@ def run(args: argparse.Namespace) -> int:
     if strategy != llama_cpp.GGML_NUMA_STRATEGY_DISABLED:
         llama_cpp.llama_numa_init(strategy)
     lib = bindings._lib
+    from llama_cpp import _rpc  # noqa: PLC0415
+
     try:
         start_server = _start_server_fn(lib)
         cpu = _cpu_device(lib)
-    except RuntimeError as e:
+    except (RuntimeError, _rpc.RpcWorkerError) as e:
         print(f"numa-llama: rpc-server: {e}", file=err)
         return 2
     endpoint = f"{args.host}:{args.port}"
@@ -174,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
         start_server(endpoint.encode(), None, n_threads, 1, devices)
         ended.set()
 
-    numa_name = args.numa if isinstance(args.numa, str) else str(args.numa)
     stop: list[int] = []
 
     writing = threading.Lock()
@@ -183,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if stats_path is None or not writing.acquire(blocking=False):  # a SIGUSR1 during a write: that write
             return
         try:
-            _write_json(stats_path, report(n_threads, endpoint, numa_name))
+            _write_json(stats_path, report(n_threads, endpoint, args.numa))
         except OSError as e:  # a full disk, a removed directory: said, and the worker serves on
             print(f"numa-llama: rpc-server: cannot write {stats_path}: {e.strerror or e}", file=err, flush=True)
         finally:
@@ -200,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     nodes = sorted(set(hooks.layout(n_threads))) if strategy == llama_cpp.GGML_NUMA_STRATEGY_MIGRATE else []
     print(
-        f"numa-llama rpc-server: {endpoint}, numa={numa_name}, {n_threads} threads"
+        f"numa-llama rpc-server: {endpoint}, numa={args.numa}, {n_threads} threads"
         + (f" on node(s) {','.join(map(str, nodes))}" if nodes else "")
         + f", pid {os.getpid()}"
         + (f", stats to {stats_path} (SIGUSR1, and at exit)" if stats_path else ""),

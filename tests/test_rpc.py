@@ -71,14 +71,14 @@ def start_worker(tmp: Path, threads: int, env: dict[str, str] | None = None, pre
     with open(err, "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env={**os.environ, **(env or {})}, cwd=tmp)
     deadline = time.monotonic() + 300
+    from llama_cpp import _rpc
+
     while True:  # ready when it answers ggml-rpc's HELLO
         assert proc.poll() is None, f"rpc-server exited {proc.returncode}: {err.read_text()[-3000:]}"
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(struct.pack("<BQ", 14, 24) + bytes(24))
-                if len(s.recv(8)) == 8:
-                    return Worker(proc, port, stats, err)
-        except OSError:
+            _rpc.hello("127.0.0.1", port, timeout=5)
+            return Worker(proc, port, stats, err)
+        except _rpc.RpcWorkerError:
             pass
         assert time.monotonic() < deadline, f"rpc-server did not answer within 300 s: {err.read_text()[-3000:]}"
         time.sleep(0.3)
